@@ -1,0 +1,63 @@
+"""The transport-independent half of a session: frames in, reply frames out.
+
+`answer(handler, count, body)` is a generator that yields each Wait the translator asks for and returns the
+reply frame (or None when the frame held only asynchronous records). The FUSE transport drives it with trio,
+direct mode with the calling thread, so both run exactly the same protocol logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Protocol
+
+from interposer import wire
+from interposer.translate import Answer, Wait
+from interposer.wire import Record
+
+
+class Handler(Protocol):
+    def execute(self, record: Record) -> Answer | Wait | None: ...
+
+    def take_deliveries(self) -> list[tuple[int, bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+def answer(handler: Handler, count: int, body: memoryview) -> Generator[Wait, None, bytes | None]:
+    parts: list[bytes | memoryview] = []
+    replies = 0
+    for record in wire.decode_records(count, body):
+        result = handler.execute(record)
+        if isinstance(result, Wait):
+            yield result
+            result = result.then()
+        if result is None:
+            continue
+        for seq, data in handler.take_deliveries():
+            parts += wire.encode_reply(seq, 0, data)
+            replies += 1
+        parts += wire.encode_reply(record.seq, result.status, result.payload)
+        replies += 1
+    return wire.frame(parts, replies) if replies else None
+
+
+def answer_sync(handler: Handler, count: int, body: memoryview) -> bytes | None:
+    steps = answer(handler, count, body)
+    try:
+        wait = next(steps)
+        while True:
+            wait.runner.wait_until(wait.done)
+            wait = steps.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def answer_async(handler: Handler, count: int, body: memoryview) -> bytes | None:
+    steps = answer(handler, count, body)
+    try:
+        wait = next(steps)
+        while True:
+            await wait.runner.wait_until(wait.done)
+            wait = steps.send(None)
+    except StopIteration as stop:
+        return stop.value

@@ -1,0 +1,191 @@
+"""acl.rt: devices, contexts, streams, events and memory, with pyACL's names and return conventions."""
+
+from __future__ import annotations
+
+from acl._ret import code, value
+from interposer.runtime import RUNTIME
+from interposer.wire import COMMANDS, Op
+
+ACL_DEVICE, ACL_HOST = 0, 1
+ACL_EVENT_STATUS_COMPLETE, ACL_EVENT_STATUS_NOT_READY = 0, 1
+
+
+# -- devices -----------------------------------------------------------------------------------------------
+
+
+@code
+def set_device(device_id: int) -> None:
+    RUNTIME.set_device(device_id)
+
+
+@code
+def reset_device(device_id: int) -> None:
+    RUNTIME.reset_device(device_id)
+
+
+@code
+def reset_device_force(device_id: int) -> None:
+    RUNTIME.reset_device(device_id, force=True)
+
+
+@value(0)
+def get_device_count() -> int:
+    return len(RUNTIME.devices)
+
+
+@value(-1)
+def get_device() -> int:
+    return RUNTIME.current_device()
+
+
+@value(ACL_HOST)
+def get_run_mode() -> int:
+    return ACL_HOST  # the application runs on the host, the NPU is a device behind it
+
+
+@code
+def synchronize_device() -> None:
+    RUNTIME.call(Op.DEVICE_SYNC)
+
+
+# -- contexts ----------------------------------------------------------------------------------------------
+
+
+@value(0)
+def create_context(device_id: int) -> int:
+    return RUNTIME.create_context(device_id)
+
+
+@code
+def destroy_context(context: int) -> None:
+    RUNTIME.destroy(Op.CONTEXT_DESTROY, context)
+
+
+@code
+def set_context(context: int) -> None:
+    RUNTIME.set_context(context)
+
+
+@value(0)
+def get_context() -> int:
+    return RUNTIME.current_context()
+
+
+# -- streams -----------------------------------------------------------------------------------------------
+
+
+@value(0)
+def create_stream() -> int:
+    return RUNTIME.create(Op.STREAM_CREATE, priority=0, flag=0)
+
+
+@value(0)
+def create_stream_with_config(priority: int, flag: int) -> int:
+    return RUNTIME.create(Op.STREAM_CREATE, priority=priority, flag=flag)
+
+
+@code
+def destroy_stream(stream: int) -> None:
+    RUNTIME.destroy(Op.STREAM_DESTROY, stream)
+
+
+@code
+def synchronize_stream(stream: int) -> None:
+    RUNTIME.call(Op.STREAM_SYNC, stream, handle=stream)
+
+
+# -- events ------------------------------------------------------------------------------------------------
+
+
+@value(0)
+def create_event() -> int:
+    return RUNTIME.create(Op.EVENT_CREATE)
+
+
+@code
+def destroy_event(event: int) -> None:
+    RUNTIME.destroy(Op.EVENT_DESTROY, event)
+
+
+@code
+def record_event(event: int, stream: int) -> None:
+    RUNTIME.submit(Op.EVENT_RECORD, event, event=event, stream=stream)
+
+
+@code
+def reset_event(event: int, stream: int) -> None:
+    RUNTIME.submit(Op.EVENT_RESET, event, event=event, stream=stream)
+
+
+@code
+def stream_wait_event(stream: int, event: int) -> None:
+    RUNTIME.submit(Op.EVENT_WAIT, event, event=event, stream=stream)
+
+
+@code
+def synchronize_event(event: int) -> None:
+    RUNTIME.call(Op.EVENT_SYNC, event, handle=event)
+
+
+@value(ACL_EVENT_STATUS_NOT_READY)
+def query_event_status(event: int) -> int:
+    reply = COMMANDS[Op.EVENT_QUERY].reply.parse(RUNTIME.call(Op.EVENT_QUERY, event, handle=event))
+    return ACL_EVENT_STATUS_COMPLETE if reply.completed else ACL_EVENT_STATUS_NOT_READY
+
+
+query_event = query_event_status  # the older spelling
+
+
+@value(0.0)
+def event_elapsed_time(start: int, end: int) -> float:
+    reply = COMMANDS[Op.EVENT_ELAPSED].reply.parse(RUNTIME.call(Op.EVENT_ELAPSED, start, start=start, end=end))
+    return reply.ns / 1e6
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+
+
+@value(0)
+def malloc(size: int, policy: int) -> int:
+    return RUNTIME.malloc(size, policy)
+
+
+@code
+def free(ptr: int) -> None:
+    RUNTIME.call(Op.FREE, ptr=ptr)
+
+
+@value(0)
+def malloc_host(size: int) -> int:
+    return RUNTIME.malloc_host(size)
+
+
+@code
+def free_host(ptr: int) -> None:
+    RUNTIME.free_host(ptr)
+
+
+@code
+def memcpy(dst: int, dst_max: int, src: int, count: int, kind: int) -> None:
+    RUNTIME.memcpy(dst, dst_max, src, count, kind)
+
+
+@code
+def memcpy_async(dst: int, dst_max: int, src: int, count: int, kind: int, stream: int) -> None:
+    RUNTIME.memcpy(dst, dst_max, src, count, kind, stream)
+
+
+@code
+def memset(ptr: int, max_size: int, value: int, count: int) -> None:
+    RUNTIME.memset(ptr, max_size, value, count)
+
+
+@code
+def memset_async(ptr: int, max_size: int, value: int, count: int, stream: int) -> None:
+    RUNTIME.memset(ptr, max_size, value, count, stream)
+
+
+@value(0, 0)
+def get_mem_info(attr: int) -> tuple[int, int]:
+    reply = COMMANDS[Op.MEM_INFO].reply.parse(RUNTIME.call(Op.MEM_INFO, attr=attr))
+    return reply.free, reply.total

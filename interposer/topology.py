@@ -1,0 +1,74 @@
+"""The daemon's world: physical NPUs (device + engine driver) and the virtual NPUs carved out of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from interposer.handles import AddressSpace
+from npu.device import PhysicalNPU
+from scheduler.runner import Runner
+from scheduler.stream import Phase
+
+
+@dataclass(eq=False)
+class PhysicalUnit:
+    name: str
+    npu: PhysicalNPU
+    runner: Runner
+    policy: str
+
+
+@dataclass(eq=False)
+class VirtualNPU:
+    index: int
+    name: str
+    physical: PhysicalUnit
+    quota: int  # bytes of device memory this virtual NPU may hold
+    role: Phase  # UNKNOWN: any; otherwise every stream on it runs in this phase
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o666  # file mode of its device node
+    used: int = 0
+    sessions: list = field(default_factory=list)  # live Translators
+    space: AddressSpace = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.space = AddressSpace(self.index, self.name)
+
+
+@dataclass(eq=False)
+class Topology:
+    physical: list[PhysicalUnit]
+    virtual: list[VirtualNPU]
+    time_scale: float
+
+    def status(self) -> dict:
+        """What `vdevctl ls` shows; JSON-serialisable."""
+        return {
+            "physical": [
+                {
+                    "name": p.name,
+                    "chip": p.npu.profile.name,
+                    "mode": p.npu.mode,
+                    "policy": p.policy,
+                    "memory_used": p.npu.memory.used,
+                    "memory_total": p.npu.memory.capacity,
+                    "queued": p.runner.engine.queued,
+                    "running": len(p.runner.engine.running),
+                    "modeled_time_s": p.runner.engine.t,
+                }
+                for p in self.physical
+            ],
+            "virtual": [
+                {
+                    "name": v.name,
+                    "physical": v.physical.name,
+                    "chip": v.physical.npu.profile.name,
+                    "role": v.role.value,
+                    "memory_used": v.used,
+                    "memory_quota": v.quota,
+                    "sessions": [s.status() for s in v.sessions],
+                }
+                for v in self.virtual
+            ],
+        }

@@ -1,0 +1,436 @@
+"""From records to work: one Translator per session maps its virtual handles and device addresses onto the
+physical NPU's objects, checks quota and ownership, and turns each record into engine work and an answer.
+
+It is sans-IO: `execute(record)` returns an Answer, nothing (asynchronous records), or a Wait — a condition on
+the engine plus what to answer once it holds — and the transport decides how to wait (a trio task in the
+daemon, the calling thread in direct mode). It never raises a FlexNPUError: errors become answers, or, for
+asynchronous records, failures that the next synchronisation reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from interposer import wire
+from interposer.handles import HandleTable, Kind
+from interposer.topology import VirtualNPU
+from interposer.wire import Op, Record
+from npu.errors import AclError, FlexNPUError, InvalidParam, NotSupported, OutOfMemory
+from npu.memory import Region, rounded_size
+from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice, Task
+from scheduler.runner import Runner
+from scheduler.stream import AsyncFailure, Event, FailEntry, Phase, RecordEntry, Stream, TaskEntry, WaitEntry
+
+log = structlog.get_logger()
+
+DAEMON_VERSION = "flexnpu 0.1.0"
+PHASES = {0: Phase.UNKNOWN, 1: Phase.PREFILL, 2: Phase.DECODE}
+MALLOC_POLICIES = range(6)  # ACL_MEM_MALLOC_HUGE_FIRST .. ACL_MEM_MALLOC_NORMAL_ONLY_P2P
+ACL_HBM_MEM = 1
+
+_session_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int = AclError.SUCCESS
+    payload: bytes | memoryview = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    runner: Runner
+    done: Callable[[], bool]
+    then: Callable[[], Answer]
+
+
+OK = Answer()
+
+
+def ok(command: wire.Command, **fields) -> Answer:
+    return Answer(AclError.SUCCESS, command.reply.build(fields))
+
+
+def error_answer(code: int, message: str) -> Answer:
+    return Answer(code, message.encode())
+
+
+def version_answer() -> Answer:
+    return ok(wire.COMMANDS[Op.VERSION], version=wire.PROTOCOL_VERSION, daemon=DAEMON_VERSION)
+
+
+class Translator:
+    def __init__(self, vdev: VirtualNPU, pid: int = 0) -> None:
+        self.id = next(_session_ids)
+        self.vdev = vdev
+        self.pid = pid
+        self.phase = Phase.UNKNOWN
+        self.greeted = False
+        self.runner = vdev.physical.runner
+        self.handles = HandleTable(self.id)
+        self.memory = 0  # bytes this session holds (rounded as the device counts them)
+        self.deliveries: list[tuple[int, bytes]] = []  # async device-to-host bytes awaiting the next sync
+        self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
+        self.default_stream = self._open_stream()
+        self.log = log.bind(session=self.id, pid=pid, device=vdev.name)
+        vdev.sessions.append(self)
+
+    # -- the entry point ----------------------------------------------------------------------------------
+
+    def execute(self, record: Record) -> Answer | Wait | None:
+        op = record.command.op
+        if not self.greeted and op not in (Op.HELLO, Op.VERSION):
+            return self._refuse(record, InvalidParam(f"{op.name} before HELLO: a session must start with HELLO"))
+        try:
+            result = self._HANDLERS[op](self, record.seq, record.args, record.data)
+        except FlexNPUError as exc:
+            return self._refuse(record, exc)
+        if isinstance(result, Wait):
+            return Wait(result.runner, result.done, self._guarded(record, result.then))
+        return result
+
+    def close(self) -> None:
+        """Free everything the session holds; its queued work is dropped."""
+        engine = self.runner.engine
+        for stream in self._streams():
+            engine.remove_stream(stream)
+        for alloc in self.vdev.space.allocations(self):
+            self.vdev.space.unmap(alloc.start, self)
+            self._release(alloc.buffer)
+        if self in self.vdev.sessions:
+            self.vdev.sessions.remove(self)
+        self.log.info("session_closed")
+
+    def take_deliveries(self) -> list[tuple[int, bytes]]:
+        taken, self.deliveries = self.deliveries, []
+        return taken
+
+    def status(self) -> dict:
+        streams = self._streams()
+        return {
+            "session": self.id,
+            "pid": self.pid,
+            "phase": self._phase().value,
+            "streams": len(streams),
+            "queued": sum(len(s.queue) for s in streams),
+            "events": len(self.handles.values(Kind.EVENT)),
+            "memory_used": self.memory,
+        }
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _refuse(self, record: Record, exc: FlexNPUError) -> Answer | None:
+        self.log.info("record_refused", op=record.command.op.name, seq=record.seq, code=int(exc.code), error=exc.message)
+        if record.command.sync:
+            return error_answer(exc.code, exc.message)
+        if self.failure is None:
+            self.failure = AsyncFailure(record.seq, exc)
+        return None
+
+    def _guarded(self, record: Record, then: Callable[[], Answer]) -> Callable[[], Answer]:
+        def run() -> Answer:
+            try:
+                return then()
+            except FlexNPUError as exc:
+                return self._refuse(record, exc) or OK
+
+        return run
+
+    def _phase(self) -> Phase:
+        return self.vdev.role if self.vdev.role is not Phase.UNKNOWN else self.phase
+
+    def _open_stream(self) -> Stream:
+        stream = Stream(phase=self._phase())
+        self.runner.engine.add_stream(stream)
+        return stream
+
+    def _streams(self) -> list[Stream]:
+        return [self.default_stream, *self.handles.values(Kind.STREAM)]
+
+    def _stream(self, handle: int) -> Stream:
+        return self.default_stream if handle == 0 else self.handles.get(handle, Kind.STREAM)
+
+    def _region(self, ptr: int, count: int, what: str) -> Region:
+        return self.vdev.space.region(ptr, count, self, what)
+
+    def _idle(self) -> bool:
+        return all(s.idle for s in self._streams())
+
+    def _after_idle(self, then: Callable[[], Answer]) -> Answer | Wait:
+        """Blocking calls run once the session's queued work has finished, as a synchronous copy would."""
+        if self._idle():
+            return then()
+        return Wait(self.runner, self._idle, then)
+
+    def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task]) -> None:
+        try:
+            entry = TaskEntry(stream, seq, task=make_task())
+        except FlexNPUError as exc:
+            self.log.info("async_record_refused", seq=seq, code=int(exc.code), error=exc.message)
+            entry = FailEntry(stream, seq, error=exc)
+        self.runner.submit(entry)
+
+    def _report(self, *streams: Stream) -> Answer:
+        """Answer a synchronisation: the earliest asynchronous failure it covers, else success."""
+        failures = [f for f in (self.failure, *(s.take_failure() for s in streams)) if f is not None]
+        self.failure = None
+        if not failures:
+            return OK
+        first = min(failures, key=lambda f: f.seq)
+        return error_answer(first.error.code, f"asynchronous record seq {first.seq} failed: {first.error.message}")
+
+    def _release(self, buffer) -> None:
+        self.vdev.physical.npu.memory.free(buffer)
+        self.vdev.used -= buffer.size
+        self.memory -= buffer.size
+
+    def _deliver(self, seq: int) -> Callable[[bytes], None]:
+        return lambda data: self.deliveries.append((seq, data))
+
+    # -- session ------------------------------------------------------------------------------------------
+
+    def _hello(self, seq, args, data):
+        if args.version != wire.PROTOCOL_VERSION:
+            raise InvalidParam(
+                f"protocol version mismatch: client speaks {args.version}, daemon {wire.PROTOCOL_VERSION}"
+            )
+        phase = PHASES.get(args.phase)
+        if phase is None:
+            raise InvalidParam(f"HELLO phase {args.phase} is not 0 (unknown), 1 (prefill) or 2 (decode)")
+        self.phase, self.greeted = phase, True
+        self.pid = self.pid or args.pid
+        self.default_stream.phase = self._phase()
+        self.log = log.bind(session=self.id, pid=self.pid, device=self.vdev.name)
+        self.log.info("session_opened", phase=self._phase().value)
+        return ok(
+            wire.COMMANDS[Op.HELLO],
+            version=wire.PROTOCOL_VERSION,
+            total_memory=self.vdev.quota,
+            name=self.vdev.name,
+            chip=self.vdev.physical.npu.profile.name,
+        )
+
+    def _version(self, seq, args, data):
+        return version_answer()
+
+    def _context_create(self, seq, args, data):
+        return ok(wire.COMMANDS[Op.CONTEXT_CREATE], handle=self.handles.add(Kind.CONTEXT, object()))
+
+    def _context_destroy(self, seq, args, data):
+        self.handles.remove(args.handle, Kind.CONTEXT)
+        return OK
+
+    # -- streams and events -------------------------------------------------------------------------------
+
+    def _stream_create(self, seq, args, data):
+        return ok(wire.COMMANDS[Op.STREAM_CREATE], handle=self.handles.add(Kind.STREAM, self._open_stream()))
+
+    def _stream_destroy(self, seq, args, data):
+        stream = self.handles.get(args.handle, Kind.STREAM)
+
+        def destroy() -> Answer:
+            self.handles.remove(args.handle, Kind.STREAM)
+            self.runner.engine.remove_stream(stream)
+            return OK
+
+        return destroy() if stream.idle else Wait(self.runner, lambda: stream.idle, destroy)
+
+    def _stream_sync(self, seq, args, data):
+        stream = self._stream(args.handle)
+        return Wait(self.runner, lambda: stream.idle, lambda: self._report(stream))
+
+    def _device_sync(self, seq, args, data):
+        return Wait(self.runner, self._idle, lambda: self._report(*self._streams()))
+
+    def _event_create(self, seq, args, data):
+        return ok(wire.COMMANDS[Op.EVENT_CREATE], handle=self.handles.add(Kind.EVENT, Event()))
+
+    def _event_destroy(self, seq, args, data):
+        self.handles.remove(args.handle, Kind.EVENT)
+        return OK
+
+    def _event_record(self, seq, args, data):
+        stream = self._stream(args.stream)
+        event = self.handles.get(args.event, Kind.EVENT)
+        event.recorded += 1
+        self.runner.submit(RecordEntry(stream, seq, event=event, generation=event.recorded))
+
+    def _event_wait(self, seq, args, data):
+        stream = self._stream(args.stream)
+        event = self.handles.get(args.event, Kind.EVENT)
+        self.runner.submit(WaitEntry(stream, seq, event=event, generation=event.recorded))
+
+    def _event_reset(self, seq, args, data):
+        self._stream(args.stream)
+        event = self.handles.get(args.event, Kind.EVENT)
+        event.timestamp = None  # forget the completed record; pending waits still see their generation
+
+    def _event_sync(self, seq, args, data):
+        event = self.handles.get(args.handle, Kind.EVENT)
+        target = event.recorded
+        return Wait(self.runner, lambda: event.completed >= target, lambda: OK)
+
+    def _event_query(self, seq, args, data):
+        event = self.handles.get(args.handle, Kind.EVENT)
+        self.runner.engine.advance(self.runner.now())
+        return ok(wire.COMMANDS[Op.EVENT_QUERY], completed=int(event.completed >= event.recorded))
+
+    def _event_elapsed(self, seq, args, data):
+        start = self.handles.get(args.start, Kind.EVENT)
+        end = self.handles.get(args.end, Kind.EVENT)
+        if start.timestamp is None or end.timestamp is None:
+            raise InvalidParam(
+                "event_elapsed_time: both events must have completed a record (record them, then synchronize)"
+            )
+        ns = max(0, round((end.timestamp - start.timestamp) * 1e9))
+        return ok(wire.COMMANDS[Op.EVENT_ELAPSED], ns=ns)
+
+    # -- memory -------------------------------------------------------------------------------------------
+
+    def _malloc(self, seq, args, data):
+        size, policy = args.size, args.policy
+        if policy not in MALLOC_POLICIES:
+            raise InvalidParam(f"malloc policy {policy} is not an aclrtMemMallocPolicy (0-5)", AclError.RT_INVALID_MALLOC_TYPE)
+        if size <= 0:
+            raise InvalidParam(f"malloc size must be > 0, got {size}")
+        vdev, need = self.vdev, rounded_size(size)
+        if vdev.used + need > vdev.quota:
+            raise OutOfMemory(
+                f"{vdev.name}: out of memory: malloc({size}) needs {need} bytes, {vdev.quota - vdev.used} of its "
+                f"{vdev.quota}-byte quota are free; free memory or raise the quota ([[virtual]] memory in the config)"
+            )
+        buffer = vdev.physical.npu.memory.alloc(size)
+        alloc = vdev.space.map(size, buffer, self)
+        vdev.used += buffer.size
+        self.memory += buffer.size
+        return ok(wire.COMMANDS[Op.MALLOC], ptr=alloc.start)
+
+    def _free(self, seq, args, data):
+        self._release(self.vdev.space.unmap(args.ptr, self).buffer)
+        return OK
+
+    def _mem_info(self, seq, args, data):
+        if args.attr == ACL_HBM_MEM:
+            free, total = self.vdev.quota - self.vdev.used, self.vdev.quota
+        elif args.attr == 0:
+            free, total = 0, 0  # ACL_DDR_MEM: the emulated chip has no device-side DDR
+        else:
+            raise InvalidParam(f"get_mem_info attr {args.attr} is not ACL_DDR_MEM (0) or ACL_HBM_MEM (1)")
+        return ok(wire.COMMANDS[Op.MEM_INFO], free=free, total=total)
+
+    def _memcpy_h2d(self, seq, args, data):
+        _check_count(args.count, data)
+        region = self._region(args.dst, args.count, "memcpy dst")
+        return self._after_idle(lambda: (HostToDevice(region, data).run(), OK)[1])
+
+    def _memcpy_d2h(self, seq, args, data):
+        region = self._region(args.src, args.count, "memcpy src")
+        return self._after_idle(lambda: Answer(AclError.SUCCESS, region.read()))
+
+    def _memcpy_d2d(self, seq, args, data):
+        task = DeviceToDevice(
+            self._region(args.dst, args.count, "memcpy dst"), self._region(args.src, args.count, "memcpy src")
+        )
+        return self._after_idle(lambda: (task.run(), OK)[1])
+
+    def _memset(self, seq, args, data):
+        task = Fill(self._region(args.ptr, args.count, "memset ptr"), _byte(args.value))
+        return self._after_idle(lambda: (task.run(), OK)[1])
+
+    def _memcpy_h2d_async(self, seq, args, data):
+        stream = self._stream(args.stream)
+
+        def task():
+            _check_count(args.count, data)
+            return HostToDevice(self._region(args.dst, args.count, "memcpy_async dst"), bytes(data))
+
+        self._submit(stream, seq, task)
+
+    def _memcpy_d2h_async(self, seq, args, data):
+        stream = self._stream(args.stream)
+        self._submit(
+            stream,
+            seq,
+            lambda: DeviceToHost(self._region(args.src, args.count, "memcpy_async src"), self._deliver(seq)),
+        )
+
+    def _memcpy_d2d_async(self, seq, args, data):
+        stream = self._stream(args.stream)
+        self._submit(
+            stream,
+            seq,
+            lambda: DeviceToDevice(
+                self._region(args.dst, args.count, "memcpy_async dst"),
+                self._region(args.src, args.count, "memcpy_async src"),
+            ),
+        )
+
+    def _memset_async(self, seq, args, data):
+        stream = self._stream(args.stream)
+        self._submit(
+            stream, seq, lambda: Fill(self._region(args.ptr, args.count, "memset_async ptr"), _byte(args.value))
+        )
+
+    _HANDLERS: dict[Op, Callable] = {
+        Op.HELLO: _hello,
+        Op.VERSION: _version,
+        Op.CONTEXT_CREATE: _context_create,
+        Op.CONTEXT_DESTROY: _context_destroy,
+        Op.STREAM_CREATE: _stream_create,
+        Op.STREAM_DESTROY: _stream_destroy,
+        Op.STREAM_SYNC: _stream_sync,
+        Op.DEVICE_SYNC: _device_sync,
+        Op.EVENT_CREATE: _event_create,
+        Op.EVENT_DESTROY: _event_destroy,
+        Op.EVENT_RECORD: _event_record,
+        Op.EVENT_WAIT: _event_wait,
+        Op.EVENT_SYNC: _event_sync,
+        Op.EVENT_QUERY: _event_query,
+        Op.EVENT_RESET: _event_reset,
+        Op.EVENT_ELAPSED: _event_elapsed,
+        Op.MALLOC: _malloc,
+        Op.FREE: _free,
+        Op.MEM_INFO: _mem_info,
+        Op.MEMCPY_H2D: _memcpy_h2d,
+        Op.MEMCPY_D2H: _memcpy_d2h,
+        Op.MEMCPY_D2D: _memcpy_d2d,
+        Op.MEMSET: _memset,
+        Op.MEMCPY_H2D_ASYNC: _memcpy_h2d_async,
+        Op.MEMCPY_D2H_ASYNC: _memcpy_d2h_async,
+        Op.MEMCPY_D2D_ASYNC: _memcpy_d2d_async,
+        Op.MEMSET_ASYNC: _memset_async,
+    }
+
+
+class VersionOnly:
+    """The ancillary nodes (davinci_manager, devmm_svm, hisi_hdc): present for containers, answer VERSION only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def execute(self, record: Record) -> Answer:
+        if record.command.op is Op.VERSION:
+            return version_answer()
+        exc = NotSupported(f"{self.name} answers only VERSION; open a davinciN node for {record.command.op.name}")
+        return error_answer(exc.code, exc.message) if record.command.sync else None
+
+    def take_deliveries(self) -> list[tuple[int, bytes]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def _check_count(count: int, data: memoryview) -> None:
+    if count != len(data):
+        raise InvalidParam(f"memcpy count {count} does not match the {len(data)} bytes sent")
+
+
+def _byte(value: int) -> int:
+    if not 0 <= value <= 255:
+        raise InvalidParam(f"memset value {value} is not a byte (0-255)")
+    return value

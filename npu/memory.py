@@ -1,0 +1,83 @@
+"""Device memory of one physical NPU: allocations, and byte views of them in numeric mode.
+
+In timing mode allocations have no backing store, so a 7B model's weights cost no host memory; reads of such
+memory return zeros and writes are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from npu.errors import InvalidParam, OutOfMemory
+
+ALIGN = 32
+
+
+def rounded_size(size: int) -> int:
+    """What aclrtMalloc really takes: the size rounded up to a multiple of 32, plus 32."""
+    return (size + ALIGN - 1) // ALIGN * ALIGN + ALIGN
+
+
+@dataclass(eq=False, slots=True)
+class Buffer:
+    """One physical allocation. `data` is None in timing mode."""
+
+    size: int
+    data: np.ndarray | None
+    freed: bool = field(default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A byte range inside one allocation; every task names its operands by Region."""
+
+    buffer: Buffer
+    offset: int
+    size: int
+
+    def view(self) -> np.ndarray | None:
+        data = self.buffer.data
+        return None if data is None else data[self.offset : self.offset + self.size]
+
+    def read(self) -> bytes:
+        view = self.view()
+        return bytes(self.size) if view is None else view.tobytes()
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = self.view()
+        if view is not None:
+            view[:] = np.frombuffer(data, dtype=np.uint8)
+
+
+class DeviceMemory:
+    """Capacity accounting plus backing store. Quotas are the virtual device's business, not this one's."""
+
+    def __init__(self, capacity: int, backed: bool) -> None:
+        self.capacity = capacity
+        self.backed = backed
+        self.used = 0
+
+    def alloc(self, size: int) -> Buffer:
+        if size <= 0:
+            raise InvalidParam(f"malloc size must be > 0, got {size}")
+        real = rounded_size(size)
+        if self.used + real > self.capacity:
+            raise OutOfMemory(
+                f"physical device out of memory: {real} bytes requested, "
+                f"{self.capacity - self.used} of {self.capacity} free"
+            )
+        self.used += real
+        # np.zeros maps fresh pages lazily, so untouched numeric memory costs no RSS either.
+        data = np.zeros(size, dtype=np.uint8) if self.backed else None
+        return Buffer(real, data)
+
+    def free(self, buffer: Buffer) -> None:
+        if buffer.freed:
+            return
+        buffer.freed = True
+        self.used -= buffer.size
+        # Work still queued against a freed buffer then runs on no backing store (reads zeros, writes
+        # nothing), as timing mode does, and the host memory goes back at once.
+        buffer.data = None

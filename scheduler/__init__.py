@@ -1,0 +1,1 @@
+"""Per-physical-NPU scheduling: stream queues, events, phases and pluggable dispatch policies."""

@@ -1,0 +1,77 @@
+"""Drivers of an Engine: one trio task per physical NPU in the daemon, the calling thread in direct mode.
+
+Both offer the same two things to the translator: `submit(entry)` and a way to wait until a condition on the
+engine holds (a stream drained, an event completed). The translator returns such conditions as data; the
+transport picks the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+from scheduler.clock import RealClock, VirtualClock
+from scheduler.engine import Engine
+from scheduler.stream import Entry
+
+
+class Runner:
+    """An engine plus its clock. Driving is the subclasses' business."""
+
+    def __init__(self, engine: Engine, clock: RealClock | VirtualClock) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def submit(self, entry: Entry) -> None:
+        self.engine.submit(entry, self.clock.now())
+        self._kick()
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def _kick(self) -> None:
+        pass
+
+
+class SyncRunner(Runner):
+    """Direct mode: nothing runs until the caller waits, and then the engine catches up in modeled time."""
+
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        while True:
+            nxt = self.engine.advance(self.clock.now())
+            if done():
+                return
+            if nxt is None:
+                raise RuntimeError("wait can never finish: nothing is running")
+            time.sleep(self.clock.until(nxt))
+
+
+class TrioRunner(Runner):
+    """The daemon: a task advances the engine at each completion and wakes whoever waits on it."""
+
+    def __init__(self, engine: Engine, clock: RealClock | VirtualClock) -> None:
+        super().__init__(engine, clock)
+        self._wakeup = trio.Event()  # set when work arrives
+        self._changed = trio.Event()  # set when the engine advanced
+
+    def _kick(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            nxt = self.engine.advance(self.clock.now())
+            self._changed.set()
+            self._changed = trio.Event()
+            self._wakeup = trio.Event()
+            if nxt is None:
+                await self._wakeup.wait()
+            else:
+                with trio.move_on_after(self.clock.until(nxt)):
+                    await self._wakeup.wait()
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self._kick()
+            await self._changed.wait()

@@ -1,0 +1,93 @@
+"""Streams, events and the entries queued on streams.
+
+A stream runs its entries in order; streams run concurrently. Events order work across streams: a record
+completes when everything queued before it on its stream has, a wait holds its stream until the record it
+was queued after (the event's latest record at the time of the wait) has completed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from npu.errors import FlexNPUError
+from npu.tasks import Task
+
+
+class Phase(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncFailure:
+    """A failed asynchronous record, kept on its stream until a synchronisation reports it."""
+
+    seq: int
+    error: FlexNPUError
+
+
+@dataclass(eq=False)
+class Event:
+    recorded: int = 0  # records submitted so far
+    completed: int = 0  # records completed so far
+    timestamp: float | None = None  # modeled time the latest completed record completed
+
+
+@dataclass(eq=False)
+class Stream:
+    phase: Phase = Phase.UNKNOWN
+    queue: deque[Entry] = field(default_factory=deque)
+    running: TaskEntry | None = None
+    failure: AsyncFailure | None = None  # sticky: later tasks on the stream are skipped until it is taken
+    completed: int = 0  # entries completed, for status
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue
+
+    def take_failure(self) -> AsyncFailure | None:
+        failure, self.failure = self.failure, None
+        return failure
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    stream: Stream
+    seq: int  # the client's record sequence number, to name it in errors
+    arrival: int = -1  # engine-wide arrival order, set on submit
+
+
+@dataclass(eq=False, slots=True)
+class TaskEntry(Entry):
+    task: Task | None = None
+    cores: int = 0
+    remaining: float = 1.0  # fraction of the task's work still to do
+    rate: float = 0.0  # fraction per modeled second, at the current sharing
+    started_at: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class RecordEntry(Entry):
+    event: Event | None = None
+    generation: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class WaitEntry(Entry):
+    event: Event | None = None
+    generation: int = 0  # the record this wait is ordered after; 0: the event was never recorded
+
+    @property
+    def satisfied(self) -> bool:
+        assert self.event is not None
+        return self.event.completed >= self.generation
+
+
+@dataclass(eq=False, slots=True)
+class FailEntry(Entry):
+    """A record the translator rejected, queued so that its error surfaces in stream order."""
+
+    error: FlexNPUError | None = None

@@ -1,0 +1,256 @@
+"""Configuration (TOML) -> topology. Every mistake names the key, the value and what would be right.
+
+    [daemon]
+    time_scale = 1.0          # wall seconds per modeled second; 0 = no clock (as fast as possible)
+    policy = "fifo"           # scheduling policy of every physical NPU
+
+    [[physical]]
+    name = "npu0"
+    backend = "emulated"      # the only backend so far
+    chip = "910B2"            # 910B2 | 910B4 | 910C
+    mode = "numeric"          # numeric (real bytes and results) | timing (shapes only, no backing store)
+
+    [[virtual]]
+    name = "davinci0"         # the device node's name; davinci<N>
+    physical = "npu0"
+    memory = "32GiB"          # quota; default: the physical NPU's memory split evenly among its virtual NPUs
+    role = "any"              # any | prefill | decode
+    owner = "0:0"             # uid:gid of the device node
+    mode = "0666"             # permission bits of the device node
+
+With no file: two emulated 910B2 NPUs, each exposed as two virtual NPUs (davinci0-1 on npu0, davinci2-3 on npu1).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from interposer.topology import PhysicalUnit, Topology, VirtualNPU
+from npu.emulated.device import MODES, EmulatedNPU
+from npu.profiles import PROFILES, profile
+from scheduler.clock import make_clock
+from scheduler.engine import Engine
+from scheduler.policy import POLICIES, make_policy
+from scheduler.runner import Runner, SyncRunner, TrioRunner
+from scheduler.stream import Phase
+
+DEVICE_NAME = re.compile(r"davinci[0-9]+")
+ROLES = {"any": Phase.UNKNOWN, "prefill": Phase.PREFILL, "decode": Phase.DECODE}
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, value: object, why: str) -> None:
+        super().__init__(f"config: {key} = {value!r}: {why}")
+
+
+@dataclass
+class PhysicalSpec:
+    name: str
+    chip: str = "910B2"
+    mode: str = "numeric"
+    backend: str = "emulated"
+
+
+@dataclass
+class VirtualSpec:
+    name: str
+    physical: str
+    memory: int | None = None
+    role: Phase = Phase.UNKNOWN
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o666
+
+
+@dataclass
+class Config:
+    physical: list[PhysicalSpec]
+    virtual: list[VirtualSpec]
+    time_scale: float = 1.0
+    policy: str = "fifo"
+    source: str = field(default="built-in default")
+
+
+def default_config() -> Config:
+    return Config(
+        physical=[PhysicalSpec("npu0"), PhysicalSpec("npu1")],
+        virtual=[VirtualSpec(f"davinci{i}", f"npu{i // 2}") for i in range(4)],
+    )
+
+
+def load(path: str | Path | None) -> Config:
+    if path is None:
+        return default_config()
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError("file", str(path), exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("file", str(path), f"not valid TOML: {exc}") from None
+    config = parse(raw)
+    config.source = str(path)
+    return config
+
+
+def parse(raw: dict) -> Config:
+    _only(raw, "", {"daemon", "physical", "virtual"})
+    daemon = raw.get("daemon", {})
+    _only(daemon, "daemon.", {"time_scale", "policy"})
+    time_scale = daemon.get("time_scale", 1.0)
+    if not isinstance(time_scale, int | float) or isinstance(time_scale, bool) or time_scale < 0:
+        raise ConfigError("daemon.time_scale", time_scale, "must be a number >= 0 (0: no clock, 1: real time)")
+    policy = daemon.get("policy", "fifo")
+    if policy not in POLICIES:
+        raise ConfigError("daemon.policy", policy, f"must be one of {', '.join(POLICIES)}")
+
+    physical = [_physical(i, p) for i, p in enumerate(_tables(raw, "physical"))]
+    if not physical:
+        raise ConfigError("physical", [], "at least one [[physical]] NPU is needed")
+    _unique("physical", [p.name for p in physical])
+    virtual = [_virtual(i, v, {p.name for p in physical}) for i, v in enumerate(_tables(raw, "virtual"))]
+    if not virtual:
+        raise ConfigError("virtual", [], "at least one [[virtual]] NPU is needed")
+    _unique("virtual", [v.name for v in virtual])
+    config = Config(physical, virtual, float(time_scale), policy)
+    _check_quotas(config)
+    return config
+
+
+def build(config: Config, driver: str = "trio") -> Topology:
+    """Instantiate the devices. driver: "trio" for the daemon, "sync" for direct mode in the caller's thread."""
+    runner_cls: type[Runner] = TrioRunner if driver == "trio" else SyncRunner
+    units = {}
+    for spec in config.physical:
+        npu = EmulatedNPU(spec.name, profile(spec.chip), spec.mode)
+        runner = runner_cls(Engine(npu, make_policy(config.policy)), make_clock(config.time_scale))
+        units[spec.name] = PhysicalUnit(spec.name, npu, runner, config.policy)
+    virtual = []
+    for index, spec in enumerate(config.virtual):
+        unit = units[spec.physical]
+        quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
+        virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode))
+    return Topology(list(units.values()), virtual, config.time_scale)
+
+
+# -- field parsers ---------------------------------------------------------------------------------------
+
+
+def _tables(raw: dict, key: str) -> list[dict]:
+    tables = raw.get(key, [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(key, tables, f"must be an array of tables ([[{key}]])")
+    return tables
+
+
+def _only(table: dict, prefix: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(prefix + key, table[key], f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _unique(section: str, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{section}[{i}].name", name, "duplicate name")
+
+
+def _str(table: dict, key: str, where: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(where + key, value, "missing or not a string")
+    return value
+
+
+def _physical(i: int, table: dict) -> PhysicalSpec:
+    where = f"physical[{i}]."
+    _only(table, where, {"name", "backend", "chip", "mode"})
+    spec = PhysicalSpec(
+        name=_str(table, "name", where),
+        backend=_str(table, "backend", where, "emulated"),
+        chip=_str(table, "chip", where, "910B2"),
+        mode=_str(table, "mode", where, "numeric"),
+    )
+    if spec.backend != "emulated":
+        raise ConfigError(where + "backend", spec.backend, "only the 'emulated' backend is available")
+    if spec.chip not in PROFILES:
+        raise ConfigError(where + "chip", spec.chip, f"unknown chip (have {', '.join(PROFILES)})")
+    if spec.mode not in MODES:
+        raise ConfigError(where + "mode", spec.mode, f"must be one of {', '.join(MODES)}")
+    return spec
+
+
+def _virtual(i: int, table: dict, physical: set[str]) -> VirtualSpec:
+    where = f"virtual[{i}]."
+    _only(table, where, {"name", "physical", "memory", "role", "owner", "mode"})
+    name = _str(table, "name", where)
+    if not DEVICE_NAME.fullmatch(name):
+        raise ConfigError(where + "name", name, "must be davinci<N>, the name a container expects")
+    phys = _str(table, "physical", where)
+    if phys not in physical:
+        raise ConfigError(where + "physical", phys, f"no such [[physical]] NPU (have {', '.join(sorted(physical))})")
+    role = _str(table, "role", where, "any")
+    if role not in ROLES:
+        raise ConfigError(where + "role", role, f"must be one of {', '.join(ROLES)}")
+    uid, gid = _owner(where + "owner", table.get("owner", "0:0"))
+    return VirtualSpec(
+        name=name,
+        physical=phys,
+        memory=None if "memory" not in table else _size(where + "memory", table["memory"]),
+        role=ROLES[role],
+        uid=uid,
+        gid=gid,
+        mode=_mode(where + "mode", table.get("mode", "0666")),
+    )
+
+
+def _size(key: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value) if isinstance(value, str) else None
+    if match and match.group(2).upper() in UNITS and float(match.group(1)) > 0:
+        return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    raise ConfigError(key, value, "not a size: use bytes (an integer) or a number with KiB, MiB, GiB, KB, MB or GB")
+
+
+def _owner(key: str, value: object) -> tuple[int, int]:
+    import grp
+    import pwd
+
+    if not isinstance(value, str) or value.count(":") != 1:
+        raise ConfigError(key, value, 'must be "user:group" (names or numeric ids)')
+    user, group = value.split(":")
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(key, value, f"no such user or group: {exc.args[0]}") from None
+    return uid, gid
+
+
+def _mode(key: str, value: object) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        mode = -1
+    if not 0 <= mode <= 0o777 or isinstance(value, bool):
+        raise ConfigError(key, value, 'must be permission bits in octal, such as "0660"')
+    return mode
+
+
+def _even_share(config: Config, physical: str, unit: PhysicalUnit) -> int:
+    sharing = sum(1 for v in config.virtual if v.physical == physical)
+    return unit.npu.memory.capacity // sharing
+
+
+def _check_quotas(config: Config) -> None:
+    for p in config.physical:
+        capacity = profile(p.chip).memory_bytes
+        for i, v in enumerate(config.virtual):
+            if v.physical == p.name and v.memory is not None and v.memory > capacity:
+                raise ConfigError(
+                    f"virtual[{i}].memory", v.memory, f"exceeds {p.name}'s {capacity} bytes ({p.chip})"
+                )

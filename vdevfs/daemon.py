@@ -1,0 +1,86 @@
+"""Daemon lifecycle: prepare the mount point (recovering a stale one), mount, serve until a signal, unmount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pyfuse3
+import structlog
+import trio
+
+from interposer.topology import Topology
+from vdevfs.fs import STATUS_NAME, DeviceFS
+
+log = structlog.get_logger()
+
+
+class MountError(Exception):
+    pass
+
+
+def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
+    args = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"{mountpoint}: unmount failed: {result.stderr.strip() or result.returncode}")
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    """Make the directory; unmount what a killed daemon left behind; refuse to mount over a live daemon."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            if exc.errno != errno.ENOENT:
+                raise MountError(f"{mountpoint}: {exc.strerror}") from None
+        else:
+            log.warning("stale_mount_recovered", mountpoint=str(mountpoint), reason="daemon gone (ENOTCONN)")
+            unmount(mountpoint, lazy=True)
+    if os.path.ismount(mountpoint):
+        if (mountpoint / STATUS_NAME).exists():
+            raise MountError(
+                f"{mountpoint}: a FlexNPU daemon is already serving here; "
+                f"stop it or run `vdevfsd umount {mountpoint}` first"
+            )
+        raise MountError(f"{mountpoint}: something else is mounted here; choose another mount point")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+
+
+async def serve(topology: Topology, mountpoint: Path, config_source: str) -> None:
+    prepare_mountpoint(mountpoint)
+    info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
+    fs = DeviceFS(topology, info)
+    options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
+    pyfuse3.init(fs, str(mountpoint), options)
+    log.info(
+        "mounted",
+        mountpoint=str(mountpoint),
+        devices=[v.name for v in topology.virtual],
+        physical=[f"{p.name}:{p.npu.profile.name}:{p.npu.mode}" for p in topology.physical],
+        config=config_source,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            for unit in topology.physical:
+                nursery.start_soon(unit.runner.run)
+            nursery.start_soon(_terminate_on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        for channel in list(fs.open_files.values()):
+            if not isinstance(channel, bytes):
+                channel.handler.close()
+        pyfuse3.close(unmount=True)
+        log.info("unmounted", mountpoint=str(mountpoint))
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
