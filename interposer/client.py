@@ -18,19 +18,20 @@ from construct import ConstructError
 from interposer import wire
 from interposer.session import answer_sync
 from interposer.translate import Translator
-from interposer.wire import COMMANDS, FrameBuffer, Op, Reply
+from interposer.wire import COMMANDS, FrameBuffer, Op, Parts, Reply
 from npu.errors import AclError, FlexNPUError, InvalidParam, ProtocolError
 
 FLUSH_RECORDS = 4096  # send a batch early once it is this long ...
 FLUSH_BYTES = 8 << 20  # ... or this big, so a long async burst never holds unbounded memory
-READ_SIZE = 64 << 20
+FIRST_READ = 64 << 10
+IOV_MAX = 1024
 
 
 class Transport(Protocol):
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Parts) -> None:
         """A frame of asynchronous records only: no reply."""
 
-    def call(self, frame: bytes) -> bytes:
+    def call(self, frame: Parts) -> memoryview:
         """A frame ending in a synchronous record: returns the reply frame's body."""
 
     def close(self) -> None: ...
@@ -46,29 +47,44 @@ class FileTransport:
                 f"{path}: cannot open the virtual device ({exc.strerror}); is vdevfsd running? see `vdevctl ls`",
                 AclError.RT_NO_DEVICE,
             ) from None
-        self._replies = FrameBuffer()
+        self._body = bytearray()
 
-    def send(self, frame: bytes) -> None:
-        view = memoryview(frame)
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except OSError as exc:
-                raise FlexNPUError(f"{self.path}: daemon refused a frame: {exc.strerror}", AclError.RT_SOCKET_CLOSE) from None
-            view = view[written:]
+    def send(self, frame: Parts) -> None:
+        total = sum(len(p) for p in frame)
+        try:
+            written = os.writev(self.fd, frame) if len(frame) <= IOV_MAX else 0
+            if written < total:  # FUSE takes a write whole or not at all; this is for the unexpected
+                os.write(self.fd, b"".join(frame)[written:])
+        except OSError as exc:
+            raise self._lost("the daemon refused a frame", exc) from None
 
-    def call(self, frame: bytes) -> bytes:
+    def call(self, frame: Parts) -> memoryview:
+        """Send, then read the reply: headers first (small reads are cheap), then the body straight into one
+        buffer, since a read of N bytes costs the kernel N bytes of pinned pages whatever comes back."""
         self.send(frame)
-        while True:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except OSError as exc:
-                raise FlexNPUError(f"{self.path}: reading the reply failed: {exc.strerror}", AclError.RT_SOCKET_CLOSE) from None
-            if not data:
+        try:
+            first = os.read(self.fd, FIRST_READ)
+            if not first:
                 raise FlexNPUError(f"{self.path}: the daemon sent no reply", AclError.RT_SOCKET_CLOSE)
-            frames = self._replies.feed(data)
-            if frames:
-                return bytes(frames[0][1])
+            _, length = wire.check_header(first[: wire.FRAME_HEADER_SIZE])
+            if len(first) - wire.FRAME_HEADER_SIZE >= length:
+                return memoryview(first)[wire.FRAME_HEADER_SIZE : wire.FRAME_HEADER_SIZE + length]
+            if len(self._body) < length:
+                self._body = bytearray(length)  # reused: a fresh 64 MiB buffer costs more in page faults than a copy
+            have = len(first) - wire.FRAME_HEADER_SIZE
+            view = memoryview(self._body)[:length]
+            view[:have] = first[wire.FRAME_HEADER_SIZE :]
+            while have < length:
+                n = os.readv(self.fd, [view[have:]])
+                if n == 0:
+                    raise FlexNPUError(f"{self.path}: the reply was cut short", AclError.RT_SOCKET_CLOSE)
+                have += n
+            return view
+        except OSError as exc:
+            raise self._lost("reading the reply failed", exc) from None
+
+    def _lost(self, what: str, exc: OSError) -> FlexNPUError:
+        return FlexNPUError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -81,14 +97,15 @@ class DirectTransport:
         self.translator = translator
         self._frames = FrameBuffer()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Parts) -> None:
         self.call(frame)
 
-    def call(self, frame: bytes) -> bytes:
-        reply = b""
-        for count, body in self._frames.feed(frame):
-            reply = answer_sync(self.translator, count, body) or b""
-        return reply[wire.FRAME_HEADER_SIZE :]
+    def call(self, frame: Parts) -> memoryview:
+        reply: Parts = []
+        for part in frame:
+            for count, body in self._frames.feed(part):
+                reply = answer_sync(self.translator, count, body) or []
+        return memoryview(b"".join(reply[1:]))  # drop the frame header
 
     def close(self) -> None:
         self.translator.close()
@@ -126,20 +143,27 @@ class Client:
                 self._flush()
             return seq
 
-    def call(self, op: Op, data: bytes | memoryview = b"", **args) -> Reply:
-        """Send the batch plus one synchronous record; return its reply (status and payload)."""
+    def call(self, op: Op, data: bytes | memoryview = b"", into: int | None = None, **args) -> Reply:
+        """Send the batch plus one synchronous record; return its reply (status and payload).
+
+        `into`: a host address that a successful reply's payload is copied to (blocking device-to-host copies);
+        the returned payload is then empty. Payloads are only valid until the next call on this client.
+        """
         with self._lock:
             seq = self._queue(op, data, args)
             frame = wire.frame(self._batch, self._batch_records)
             self._clear()
             result = None
-            for reply in wire.decode_replies(memoryview(self.transport.call(frame))):
+            for reply in wire.decode_replies(self.transport.call(frame)):
                 if reply.seq == seq:
                     result = reply
                 else:
                     self._land(reply)
             if result is None:
                 raise ProtocolError(f"no reply to record seq {seq} ({op.name})")
+            if into is not None and result.status == AclError.SUCCESS:
+                _copy_to(into, result.payload)
+                return Reply(result.seq, result.status, b"")
             return result
 
     def flush(self) -> None:
@@ -176,4 +200,10 @@ class Client:
         target = self._landing.pop(reply.seq, None)
         if target is not None:
             host_ptr, count = target
-            ctypes.memmove(host_ptr, bytes(reply.payload[:count]), min(count, len(reply.payload)))
+            _copy_to(host_ptr, reply.payload[:count])
+
+
+def _copy_to(address: int, data: bytes | memoryview) -> None:
+    """Copy into host memory at `address` without an intermediate bytes object."""
+    if len(data):
+        memoryview((ctypes.c_char * len(data)).from_address(address)).cast("B")[:] = data

@@ -62,7 +62,11 @@ class HandleTable:
 
     def _explain(self, handle: int, kind: Kind) -> str:
         name = kind.name.lower()
-        tag, session, seq = handle >> 56, (handle >> SEQ_BITS) & ((1 << SESSION_BITS) - 1), handle & ((1 << SEQ_BITS) - 1)
+        tag, session, seq = (
+            handle >> 56,
+            (handle >> SEQ_BITS) & ((1 << SESSION_BITS) - 1),
+            handle & ((1 << SEQ_BITS) - 1),
+        )
         if tag != kind:
             actual = Kind(tag).name.lower() if tag in Kind._value2member_map_ else "no"
             return f"{name} handle 0x{handle:x} is not a {name} (it is a {actual} handle)"

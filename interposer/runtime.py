@@ -84,11 +84,14 @@ class Opened:
 
 
 class Runtime:
-    def __init__(self) -> None:
+    """Defaults come from the environment (see the module doc); benchmarks and tests pass them explicitly."""
+
+    def __init__(self, direct: bool | None = None, devices: list[str] | None = None, config: str | None = None) -> None:
         self.initialized = False
-        self.direct = bool(os.environ.get("FLEXNPU_DIRECT"))
+        self.direct = bool(os.environ.get("FLEXNPU_DIRECT")) if direct is None else direct
+        self.config = os.environ.get("FLEXNPU_CONFIG") if config is None else config
         self.phase = PHASES.get(os.environ.get("FLEXNPU_PHASE", "unknown"), 0)
-        self._devices: list[str] | None = None
+        self._devices = devices
         self._topology = None
         self._opened: dict[int, Opened] = {}
         self._owner: dict[int, int] = {}  # context/stream/event handle -> device id
@@ -109,7 +112,7 @@ class Runtime:
         if self._topology is None:
             from vdevfs import config  # direct mode only: builds the daemon's topology in this process
 
-            self._topology = config.build(config.load(os.environ.get("FLEXNPU_CONFIG")), driver="sync")
+            self._topology = config.build(config.load(self.config), driver="sync")
         return self._topology
 
     def _connect(self, device: int) -> Client:
@@ -124,7 +127,9 @@ class Runtime:
     def _check_device(self, device: int) -> None:
         if not 0 <= device < len(self.devices):
             have = f"0-{len(self.devices) - 1}" if self.devices else "none: is vdevfsd running? see `vdevctl ls`"
-            raise FlexNPUError(f"device {device} does not exist (this process sees {have})", AclError.RT_INVALID_DEVICEID)
+            raise FlexNPUError(
+                f"device {device} does not exist (this process sees {have})", AclError.RT_INVALID_DEVICEID
+            )
 
     # -- init ---------------------------------------------------------------------------------------------
 
@@ -187,7 +192,9 @@ class Runtime:
         device = self.current_device() if device is None else device
         opened = self._opened.get(device)
         if opened is None:
-            raise FlexNPUError(f"device {device} is not set: call acl.rt.set_device({device})", AclError.RT_CONTEXT_NULL)
+            raise FlexNPUError(
+                f"device {device} is not set: call acl.rt.set_device({device})", AclError.RT_CONTEXT_NULL
+            )
         return opened.client
 
     def create_context(self, device: int) -> int:
@@ -273,13 +280,15 @@ class Runtime:
             self._copy_chunk(dst + offset, src + offset, n, kind, stream)
 
     def _copy_chunk(self, dst: int, src: int, n: int, kind: int, stream: int | None) -> None:
-        data = ctypes.string_at(src, n) if kind == HOST_TO_DEVICE else b""
         if stream is None:
+            # Blocking: the host bytes are read in place while the call runs, and land in place.
+            data = memoryview((ctypes.c_char * n).from_address(src)).cast("B") if kind == HOST_TO_DEVICE else b""
             op = {HOST_TO_DEVICE: Op.MEMCPY_H2D, DEVICE_TO_HOST: Op.MEMCPY_D2H, DEVICE_TO_DEVICE: Op.MEMCPY_D2D}[kind]
-            payload = check(self.client().call(op, data, dst=dst, src=src, count=n))
-            if kind == DEVICE_TO_HOST:
-                ctypes.memmove(dst, bytes(payload), n)
+            into = dst if kind == DEVICE_TO_HOST else None
+            check(self.client().call(op, data, into=into, dst=dst, src=src, count=n))
             return
+        # Asynchronous: the record waits in a batch, so it carries a snapshot of the host bytes.
+        data = ctypes.string_at(src, n) if kind == HOST_TO_DEVICE else b""
         op = {
             HOST_TO_DEVICE: Op.MEMCPY_H2D_ASYNC,
             DEVICE_TO_HOST: Op.MEMCPY_D2H_ASYNC,

@@ -124,7 +124,9 @@ class Translator:
     # -- helpers ------------------------------------------------------------------------------------------
 
     def _refuse(self, record: Record, exc: FlexNPUError) -> Answer | None:
-        self.log.info("record_refused", op=record.command.op.name, seq=record.seq, code=int(exc.code), error=exc.message)
+        self.log.info(
+            "record_refused", op=record.command.op.name, seq=record.seq, code=int(exc.code), error=exc.message
+        )
         if record.command.sync:
             return error_answer(exc.code, exc.message)
         if self.failure is None:
@@ -294,7 +296,9 @@ class Translator:
     def _malloc(self, seq, args, data):
         size, policy = args.size, args.policy
         if policy not in MALLOC_POLICIES:
-            raise InvalidParam(f"malloc policy {policy} is not an aclrtMemMallocPolicy (0-5)", AclError.RT_INVALID_MALLOC_TYPE)
+            raise InvalidParam(
+                f"malloc policy {policy} is not an aclrtMemMallocPolicy (0-5)", AclError.RT_INVALID_MALLOC_TYPE
+            )
         if size <= 0:
             raise InvalidParam(f"malloc size must be > 0, got {size}")
         vdev, need = self.vdev, rounded_size(size)
@@ -329,7 +333,8 @@ class Translator:
 
     def _memcpy_d2h(self, seq, args, data):
         region = self._region(args.src, args.count, "memcpy src")
-        return self._after_idle(lambda: Answer(AclError.SUCCESS, region.read()))
+        # A view, not a copy: the session is blocked until the client has read it, so nothing can change it.
+        return self._after_idle(lambda: Answer(AclError.SUCCESS, region.peek()))
 
     def _memcpy_d2d(self, seq, args, data):
         task = DeviceToDevice(
@@ -346,6 +351,7 @@ class Translator:
 
         def task():
             _check_count(args.count, data)
+            # A copy: the frame's buffer is reused for the next frame before this task runs.
             return HostToDevice(self._region(args.dst, args.count, "memcpy_async dst"), bytes(data))
 
         self._submit(stream, seq, task)

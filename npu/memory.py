@@ -41,14 +41,24 @@ class Region:
         data = self.buffer.data
         return None if data is None else data[self.offset : self.offset + self.size]
 
+    def peek(self) -> bytes | memoryview:
+        """The bytes without copying them (zeros in timing mode)."""
+        view = self.view()
+        return bytes(self.size) if view is None else memoryview(view)
+
     def read(self) -> bytes:
         view = self.view()
         return bytes(self.size) if view is None else view.tobytes()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data) -> None:
+        """Copy in `data`: bytes-like, or an object with `.parts`, bytes-like pieces laid end to end."""
         view = self.view()
-        if view is not None:
-            view[:] = np.frombuffer(data, dtype=np.uint8)
+        if view is None:
+            return
+        offset = 0
+        for part in getattr(data, "parts", (data,)):
+            view[offset : offset + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            offset += len(part)
 
 
 class DeviceMemory:

@@ -14,9 +14,7 @@ from scheduler.stream import TaskEntry
 class Policy(Protocol):
     name: str
 
-    def select(
-        self, ready: list[TaskEntry], running: list[TaskEntry], total_cores: int
-    ) -> list[tuple[TaskEntry, int]]:
+    def select(self, ready: list[TaskEntry], running: list[TaskEntry], total_cores: int) -> list[tuple[TaskEntry, int]]:
         """Which of `ready` (one head per idle stream) to start, each with its core count."""
         ...
 

@@ -49,3 +49,7 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     except MountError as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -251,6 +251,4 @@ def _check_quotas(config: Config) -> None:
         capacity = profile(p.chip).memory_bytes
         for i, v in enumerate(config.virtual):
             if v.physical == p.name and v.memory is not None and v.memory > capacity:
-                raise ConfigError(
-                    f"virtual[{i}].memory", v.memory, f"exceeds {p.name}'s {capacity} bytes ({p.chip})"
-                )
+                raise ConfigError(f"virtual[{i}].memory", v.memory, f"exceeds {p.name}'s {capacity} bytes ({p.chip})")

@@ -64,27 +64,35 @@ class Channel:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def write(self, data: bytes) -> None:
-        async with self.lock:
-            try:
-                for count, body in self.frames.feed(data):
-                    reply = await answer_async(self.handler, count, body)
-                    if reply is not None:
-                        self.replies.append(memoryview(reply))
-            except FlexNPUError:
-                self.frames = FrameBuffer()  # drop the bad frame and whatever followed it in this write
-                raise
+        # Writes to one channel must not interleave while one waits on the device. Taking a free lock without
+        # a checkpoint matters: each trio checkpoint is a scheduler pass, a large part of a round trip.
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+        try:
+            for count, body in self.frames.feed(data):
+                reply = await answer_async(self.handler, count, body)
+                if reply is not None:
+                    self.replies += [memoryview(part) for part in reply if part]
+        except FlexNPUError:
+            self.frames = FrameBuffer()  # drop the bad frame and whatever followed it in this write
+            raise
+        finally:
+            self.lock.release()
 
     def read(self, size: int) -> bytes:
-        out = bytearray()
-        while self.replies and len(out) < size:
+        """Up to `size` bytes of queued replies; the client reads until it has a whole frame."""
+        out = []
+        while self.replies and size > 0:
             head = self.replies[0]
-            take = head[: size - len(out)]
-            out += take
-            if len(take) == len(head):
-                self.replies.pop(0)
+            if len(head) <= size:
+                out.append(self.replies.pop(0))
             else:
-                self.replies[0] = head[len(take) :]
-        return bytes(out)
+                out.append(head[:size])
+                self.replies[0] = head[size:]
+            size -= len(out[-1])
+        return out[0].tobytes() if len(out) == 1 else b"".join(out)
 
 
 class DeviceFS(pyfuse3.Operations):

@@ -1,0 +1,1 @@
+"""Operator-facing commands: vdevctl, benchmarks, process launchers."""

@@ -1,0 +1,54 @@
+"""Start a vdevfsd (or the bare echo filesystem) in a child process and wait until its mount answers.
+
+Used by `vdevctl bench` and the tests: the daemon under test is always a real process on a real mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+READY_TIMEOUT_S = 20.0
+
+
+@contextlib.contextmanager
+def running(args: list[str], ready: Path, mount: Path, log: Path | None = None) -> Iterator[subprocess.Popen]:
+    mount.mkdir(parents=True, exist_ok=True)
+    sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=sink, stderr=sink if log else subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else f"see {log}"
+                raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}: {err.strip()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(args)}: {ready} did not appear within {READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if os.path.ismount(mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
+        if log:
+            sink.close()
+
+
+def daemon(mount: Path, config: Path | None = None, log: Path | None = None):
+    args = ["vdevfs.cli", "--log-json", "mount", str(mount), *(["--config", str(config)] if config else [])]
+    return running(args, mount / "status", mount, log)
+
+
+def echofs(mount: Path):
+    return running(["tools.echofs", str(mount)], mount / "echo", mount)

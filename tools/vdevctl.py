@@ -1,0 +1,208 @@
+"""`vdevctl`: see and use the virtual NPUs of a running vdevfsd (found by its mount point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import interposer.shim
+from interposer import logs
+
+DEFAULT_MOUNT = "/dev/flexnpu"
+SHIM_PATH = str(Path(interposer.shim.__file__).parent)
+
+
+def read_status(mount: Path) -> dict:
+    try:
+        return json.loads((mount / "status").read_text())
+    except FileNotFoundError:
+        raise click.ClickException(
+            f"no FlexNPU daemon at {mount} (no status file): start one with `vdevfsd mount {mount}`, "
+            "or point --mount / FLEXNPU_MOUNT at its mount point"
+        ) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"{mount}: {exc.strerror}; if the daemon was killed, `vdevfsd mount {mount}` recovers the mount"
+        ) from None
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def render(status: dict) -> str:
+    physical = {p["name"]: p for p in status["physical"]}
+    rows = [("NPU", "Physical", "Chip", "Mode", "Role", "Memory used / quota", "Sessions", "Streams", "Queued")]
+    details = []
+    for v in status["virtual"]:
+        p = physical[v["physical"]]
+        sessions = v["sessions"]
+        rows.append(
+            (
+                v["name"],
+                v["physical"],
+                v["chip"],
+                p["mode"],
+                v["role"],
+                f"{human(v['memory_used'])} / {human(v['memory_quota'])}",
+                str(len(sessions)),
+                str(sum(s["streams"] for s in sessions)),
+                str(sum(s["queued"] for s in sessions)),
+            )
+        )
+        for s in sessions:
+            details.append(
+                (
+                    v["name"],
+                    str(s["session"]),
+                    str(s["pid"]),
+                    s["phase"],
+                    str(s["streams"]),
+                    str(s["events"]),
+                    str(s["queued"]),
+                    human(s["memory_used"]),
+                )
+            )
+    out = [_table(rows)]
+    out.append(
+        _table(
+            [("Physical", "Chip", "Mode", "Policy", "Memory used / total", "Running", "Queued")]
+            + [
+                (
+                    p["name"],
+                    p["chip"],
+                    p["mode"],
+                    p["policy"],
+                    f"{human(p['memory_used'])} / {human(p['memory_total'])}",
+                    str(p["running"]),
+                    str(p["queued"]),
+                )
+                for p in status["physical"]
+            ]
+        )
+    )
+    if details:
+        out.append(_table([("NPU", "Session", "PID", "Phase", "Streams", "Events", "Queued", "Memory")] + details))
+    else:
+        out.append("No sessions.")
+    daemon = status["daemon"]
+    out.append(f"daemon pid {daemon['pid']}, mounted at {daemon['mountpoint']}, config: {daemon['config']}")
+    return "\n\n".join(out)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    lines = [rule]
+    for i, row in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            lines.append(rule.replace("-", "="))
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def device_names(spec: str) -> list[str]:
+    names = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            raise click.BadParameter(
+                f"{item!r} is not a device number (use e.g. --devices 2,3)", param_hint="--devices"
+            )
+        names.append(f"davinci{int(item)}")
+    return names
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--mount",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_MOUNT,
+    envvar="FLEXNPU_MOUNT",
+    show_default=True,
+    help="Where vdevfsd mounted the device files.",
+)
+@click.pass_context
+def main(ctx: click.Context, mount: Path) -> None:
+    """Inspect and use FlexNPU virtual NPUs."""
+    logs.configure("warning")
+    ctx.obj = mount
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
+@click.pass_obj
+def ls(mount: Path, as_json: bool) -> None:
+    """Every virtual NPU: its physical NPU, memory, sessions (with pids), streams and queued work."""
+    status = read_status(mount)
+    click.echo(json.dumps(status, indent=1) if as_json else render(status))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--devices", help="Virtual NPUs the program sees, renumbered from 0 (e.g. 2,3). Default: all.")
+@click.option("--direct", is_flag=True, help="No daemon: run the emulated NPUs in the program's own process.")
+@click.option("--config", type=click.Path(exists=True), help="Topology for --direct (default: built in).")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]), help="Declare the program's LLM phase.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run(mount: Path, devices: str | None, direct: bool, config: str | None, phase: str | None, command) -> None:
+    """Run COMMAND with pyACL (`import acl`) forwarded to virtual NPUs.
+
+    Example: vdevctl run --devices 2,3 -- python infer.py
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SHIM_PATH, env.get("PYTHONPATH")]))
+    env["FLEXNPU_MOUNT"] = str(mount)
+    env.pop("FLEXNPU_DEVICES", None)
+    if phase:
+        env["FLEXNPU_PHASE"] = phase
+    if direct:
+        env["FLEXNPU_DIRECT"] = "1"
+        if config:
+            env["FLEXNPU_CONFIG"] = str(Path(config).resolve())
+        if devices:
+            env["FLEXNPU_DEVICES"] = ",".join(device_names(devices))
+    else:
+        env.pop("FLEXNPU_DIRECT", None)
+        status = read_status(mount)
+        have = [v["name"] for v in status["virtual"]]
+        chosen = device_names(devices) if devices else have
+        for name in chosen:
+            if name not in have:
+                raise click.ClickException(f"{name}: no such virtual device (have {', '.join(have)}; see vdevctl ls)")
+        env["FLEXNPU_DEVICES"] = ",".join(str(mount / name) for name in chosen)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise click.ClickException(f"{command[0]}: {exc.strerror}") from None
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks; each measures its baseline in the same run and prints ratios."""
+
+
+@bench.command("rt")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-rt.json", show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run, not for figures).")
+def bench_rt(out: Path, quick: bool) -> None:
+    """Runtime path: bare FUSE echo vs device-file round trip, batching, memcpy, direct mode, daemon RSS."""
+    from tools import bench_rt as module
+
+    results = module.run(quick=quick)
+    click.echo(module.render(results))
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    click.echo(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
