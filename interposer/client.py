@@ -8,7 +8,9 @@ baseline). Both carry the same frames.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,7 +58,17 @@ class FileTransport:
             if written < total:  # FUSE takes a write whole or not at all; this is for the unexpected
                 os.write(self.fd, b"".join(frame)[written:])
         except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise self._refusal() from None
             raise self._lost("the daemon refused a frame", exc) from None
+
+    def _refusal(self) -> FlexNPUError:
+        """The daemon answers a frame it cannot decode with EINVAL and leaves the reason in a reply."""
+        try:
+            reply = wire.decode_replies(memoryview(os.read(self.fd, FIRST_READ))[wire.FRAME_HEADER_SIZE :])[0]
+            return FlexNPUError(f"{self.path}: daemon refused a frame: {bytes(reply.payload).decode()}", reply.status)
+        except (OSError, IndexError, ValueError, struct.error):
+            return FlexNPUError(f"{self.path}: daemon refused a frame (EINVAL)", AclError.INVALID_PARAM)
 
     def call(self, frame: Parts) -> memoryview:
         """Send, then read the reply: headers first (small reads are cheap), then the body straight into one

@@ -6,29 +6,32 @@ Used by `vdevctl bench` and the tests: the daemon under test is always a real pr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 READY_TIMEOUT_S = 20.0
 
 
 @contextlib.contextmanager
-def running(args: list[str], ready: Path, mount: Path, log: Path | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    args: list[str], ready: Callable[[subprocess.Popen], bool], mount: Path, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
     mount.mkdir(parents=True, exist_ok=True)
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=sink, stderr=sink if log else subprocess.PIPE)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ready.exists():
+        while not ready(proc):
             if proc.poll() is not None:
                 err = proc.stderr.read().decode() if proc.stderr else f"see {log}"
                 raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}: {err.strip()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(args)}: {ready} did not appear within {READY_TIMEOUT_S:.0f} s")
+                raise RuntimeError(f"{' '.join(args)}: not serving {mount} within {READY_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
         yield proc
     finally:
@@ -47,8 +50,16 @@ def running(args: list[str], ready: Path, mount: Path, log: Path | None = None) 
 
 def daemon(mount: Path, config: Path | None = None, log: Path | None = None):
     args = ["vdevfs.cli", "--log-json", "mount", str(mount), *(["--config", str(config)] if config else [])]
-    return running(args, mount / "status", mount, log)
+    return running(args, lambda proc: _serving_pid(mount) == proc.pid, mount, log)
 
 
 def echofs(mount: Path):
-    return running(["tools.echofs", str(mount)], mount / "echo", mount)
+    return running(["tools.echofs", str(mount)], lambda proc: os.path.ismount(mount), mount)
+
+
+def _serving_pid(mount: Path) -> int | None:
+    """The pid in the status file: only the daemon itself can answer that (a stale mount's cached entries can't)."""
+    try:
+        return json.loads((mount / "status").read_text())["daemon"]["pid"]
+    except (OSError, ValueError, KeyError):
+        return None

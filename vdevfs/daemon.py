@@ -32,22 +32,25 @@ def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
 def prepare_mountpoint(mountpoint: Path) -> None:
     """Make the directory; unmount what a killed daemon left behind; refuse to mount over a live daemon."""
     try:
-        os.stat(mountpoint)
+        # A directory listing reaches the daemon (a stat may be answered from the kernel's cache).
+        names = os.listdir(mountpoint) if os.path.ismount(mountpoint) else None
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
-            if exc.errno != errno.ENOENT:
-                raise MountError(f"{mountpoint}: {exc.strerror}") from None
-        else:
-            log.warning("stale_mount_recovered", mountpoint=str(mountpoint), reason="daemon gone (ENOTCONN)")
-            unmount(mountpoint, lazy=True)
-    if os.path.ismount(mountpoint):
-        if (mountpoint / STATUS_NAME).exists():
+            raise MountError(f"{mountpoint}: {exc.strerror}") from None
+        log.warning("stale_mount_recovered", mountpoint=str(mountpoint), reason="daemon gone (ENOTCONN)")
+        unmount(mountpoint, lazy=True)
+        names = None
+    if names is not None:
+        if STATUS_NAME in names:
             raise MountError(
                 f"{mountpoint}: a FlexNPU daemon is already serving here; "
                 f"stop it or run `vdevfsd umount {mountpoint}` first"
             )
         raise MountError(f"{mountpoint}: something else is mounted here; choose another mount point")
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
 async def serve(topology: Topology, mountpoint: Path, config_source: str) -> None:

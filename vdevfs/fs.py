@@ -19,6 +19,7 @@ import pyfuse3
 import structlog
 import trio
 
+from interposer import wire
 from interposer.session import Handler, answer_async
 from interposer.topology import Topology, VirtualNPU
 from interposer.translate import Translator, VersionOnly
@@ -44,8 +45,7 @@ def fuse_handler(method):
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except FlexNPUError as exc:
-            log.warning("request_refused", handler=method.__name__, error=exc.message)
+        except FlexNPUError as exc:  # already logged, with its session, where it was raised
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("handler_crashed", handler=method.__name__)
@@ -59,8 +59,9 @@ class Channel:
     """One open device node: reassembles frames, runs them, queues the replies for read()."""
 
     handler: Handler
+    log: structlog.typing.FilteringBoundLogger
     frames: FrameBuffer = field(default_factory=FrameBuffer)
-    replies: list[memoryview] = field(default_factory=list)
+    replies: list[bytes | memoryview] = field(default_factory=list)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def write(self, data: bytes) -> None:
@@ -74,9 +75,13 @@ class Channel:
             for count, body in self.frames.feed(data):
                 reply = await answer_async(self.handler, count, body)
                 if reply is not None:
-                    self.replies += [memoryview(part) for part in reply if part]
-        except FlexNPUError:
-            self.frames = FrameBuffer()  # drop the bad frame and whatever followed it in this write
+                    self.replies += reply
+        except FlexNPUError as exc:
+            # Drop the bad frame and whatever followed it in this write. The write fails with EINVAL; the
+            # explanation waits in a reply (seq 0) for a client that wants to tell its user what was wrong.
+            self.log.warning("frame_refused", error=exc.message)
+            self.frames = FrameBuffer()
+            self.replies += wire.frame(wire.encode_reply(0, exc.code, exc.message.encode()), 1)
             raise
         finally:
             self.lock.release()
@@ -89,10 +94,11 @@ class Channel:
             if len(head) <= size:
                 out.append(self.replies.pop(0))
             else:
+                head = memoryview(head)
                 out.append(head[:size])
                 self.replies[0] = head[size:]
             size -= len(out[-1])
-        return out[0].tobytes() if len(out) == 1 else b"".join(out)
+        return b"".join(out)
 
 
 class DeviceFS(pyfuse3.Operations):
@@ -168,9 +174,11 @@ class DeviceFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             content: Channel | bytes = self.status_bytes()
         elif inode in self.devices:
-            content = Channel(Translator(self.devices[inode], pid=ctx.pid))
+            translator = Translator(self.devices[inode], pid=ctx.pid)
+            content = Channel(translator, translator.log)
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
-            content = Channel(VersionOnly(ANCILLARY[inode - FIRST_ANCILLARY_INODE]))
+            name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
+            content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name))
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         fh, self._next_fh = self._next_fh, self._next_fh + 1

@@ -1,0 +1,95 @@
+"""The daemon's life as an operator sees it: mount, status, signals, stale mounts, the vdevctl commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TEST_CONFIG, requires_mount, vdevctl
+from tools import launch
+
+pytestmark = requires_mount
+
+
+def test_mount_holds_the_nodes_containers_expect(daemon):
+    names = sorted(os.listdir(daemon.mount))
+    assert names == [
+        "davinci0",
+        "davinci1",
+        "davinci2",
+        "davinci3",
+        "davinci_manager",
+        "devmm_svm",
+        "hisi_hdc",
+        "status",
+    ]
+    assert oct(os.stat(daemon.mount / "davinci0").st_mode & 0o777) == "0o666"
+    assert oct(os.stat(daemon.mount / "status").st_mode & 0o777) == "0o444"
+
+
+def test_ls_shows_every_virtual_npu(daemon):
+    result = vdevctl(daemon.mount, "ls")
+    assert result.returncode == 0, result.stderr
+    for name, chip in [("davinci0", "910B2"), ("davinci3", "910B4")]:
+        row = next(line for line in result.stdout.splitlines() if f"| {name} " in line)
+        assert chip in row
+    assert "64.0 MiB" in result.stdout  # davinci0's quota
+    status = json.loads(vdevctl(daemon.mount, "ls", "--json").stdout)
+    assert [v["name"] for v in status["virtual"]] == ["davinci0", "davinci1", "davinci2", "davinci3"]
+    assert status["daemon"]["pid"] == daemon.pid
+
+
+def test_ls_without_a_daemon_says_how_to_start_one(tmp_path):
+    result = vdevctl(tmp_path, "ls")
+    assert result.returncode == 1
+    assert f"no FlexNPU daemon at {tmp_path}" in result.stderr and "vdevfsd mount" in result.stderr
+
+
+def test_run_with_an_unknown_device_names_the_ones_there_are(daemon):
+    result = vdevctl(daemon.mount, "run", "--devices", "7", "--", "true")
+    assert result.returncode == 1
+    assert "davinci7: no such virtual device (have davinci0, davinci1, davinci2, davinci3; see vdevctl ls)" in (
+        result.stderr
+    )
+
+
+def _daemon_cmd(mount, config):
+    return [sys.executable, "-m", "vdevfs.cli", "--log-json", "mount", str(mount), "--config", str(config)]
+
+
+def test_sigterm_unmounts_cleanly(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(TEST_CONFIG)
+    with launch.daemon(tmp_path / "mnt", config, tmp_path / "log") as proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not os.path.ismount(tmp_path / "mnt")
+    assert '"event": "unmounted"' in (tmp_path / "log").read_text()
+
+
+def test_a_killed_daemons_stale_mount_is_recovered(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(TEST_CONFIG)
+    mount = tmp_path / "mnt"
+    with launch.daemon(mount, config, tmp_path / "log1") as proc:
+        proc.kill()
+        proc.wait()
+        with pytest.raises(OSError, match="Transport endpoint is not connected"):
+            os.listdir(mount)
+        with launch.daemon(mount, config, tmp_path / "log2"):
+            assert (mount / "davinci0").exists()
+    assert "stale_mount_recovered" in (tmp_path / "log2").read_text()
+
+
+def test_a_second_daemon_on_a_live_mount_is_refused(daemon):
+    result = subprocess.run(
+        _daemon_cmd(daemon.mount, daemon.config), capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert "already serving here" in result.stderr
+    assert (daemon.mount / "status").exists()  # the first one is untouched

@@ -1,0 +1,124 @@
+"""pyACL programs, unmodified, through the device files: bytes, device numbering, isolation, containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from npu.errors import AclError
+from tests.conftest import PROGRAMS, ROOT, acl_popen, acl_program, requires_mount, vdevctl
+from tools.vdevctl import SHIM_PATH
+
+pytestmark = requires_mount
+
+
+def test_roundtrip_program_gets_its_bytes_back(daemon):
+    result = acl_program(daemon.mount, "roundtrip.py", "0", str(3 << 20), run_opts=("--devices", "2"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "roundtrip ok"
+
+
+def test_roundtrip_program_in_direct_mode(daemon):
+    result = acl_program(
+        daemon.mount, "roundtrip.py", "1", str(1 << 20), run_opts=("--direct", "--config", str(daemon.config))
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "roundtrip ok"
+
+
+def test_bigger_than_one_record_copies_survive(daemon):
+    # 80 MiB crosses the 64 MiB per-record split and many 1 MiB FUSE pieces.
+    result = acl_program(daemon.mount, "roundtrip.py", "0", str(80 << 20), run_opts=("--devices", "3"))
+    assert result.returncode == 0, result.stderr
+
+
+def _start_holder(daemon, device_id: str, devices: str):
+    holder = acl_popen(daemon.mount, "hold.py", device_id, "4096", run_opts=("--devices", devices))
+    line = holder.stdout.readline()
+    if not line:
+        holder.kill()
+        pytest.fail(f"holder did not start: {holder.communicate()[1]}")
+    return holder, json.loads(line)
+
+
+def _finish(holder) -> str:
+    out, err = holder.communicate("go\n", timeout=30)
+    assert holder.returncode == 0, err
+    return out.strip()
+
+
+def test_devices_are_renumbered_and_ls_shows_the_session(daemon):
+    holder, info = _start_holder(daemon, "1", "2,3")
+    try:
+        assert info["devices"] == 2
+        sessions = daemon.vdev("davinci3")["sessions"]
+        assert [s["pid"] for s in sessions] == [info["pid"]]
+        assert sessions[0]["memory_used"] >= 4096
+        assert daemon.vdev("davinci2")["sessions"] == []
+        table = vdevctl(daemon.mount, "ls")
+        assert table.returncode == 0
+        assert str(info["pid"]) in table.stdout and "davinci3" in table.stdout
+    finally:
+        assert _finish(holder) == "intact"
+    assert daemon.vdev("davinci3")["sessions"] == []
+
+
+@pytest.mark.parametrize(("other", "why"), [("1", "not an address of davinci1"), ("0", "another session")])
+def test_a_process_cannot_touch_another_process_memory(daemon, other, why):
+    holder, info = _start_holder(daemon, "0", "0,1")
+    try:
+        poke = acl_program(daemon.mount, "poke.py", other, str(info["ptr"]), run_opts=("--devices", "0,1"))
+        assert poke.returncode == 0, poke.stderr
+        attempts = json.loads(poke.stdout)
+        for name in ("read", "write", "free"):
+            assert attempts[name]["ret"] == AclError.INVALID_PARAM, attempts
+            assert why in attempts[name]["message"]
+        assert "acl_call_failed" in poke.stderr  # the user sees why, on stderr
+    finally:
+        assert _finish(holder) == "intact"
+
+
+def test_container_sees_its_bound_node_as_device_0(daemon, tmp_path):
+    if not shutil.which("unshare"):
+        pytest.skip("unshare not available")
+    # A private mount namespace with a fresh /dev holding only what a container would get: the bound node.
+    script = textwrap.dedent(
+        f"""
+        set -e
+        mkdir -p {tmp_path}/hostdev
+        mount --rbind /dev {tmp_path}/hostdev
+        mount -t tmpfs tmpfs /dev
+        for n in null zero urandom random; do touch /dev/$n; mount --bind {tmp_path}/hostdev/$n /dev/$n; done
+        touch /dev/davinci0
+        mount --bind {daemon.mount}/davinci2 /dev/davinci0
+        exec {sys.executable} {PROGRAMS}/hold.py 0 8192
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXNPU")}
+    env |= {"PYTHONPATH": os.pathsep.join([SHIM_PATH, str(ROOT)]), "FLEXNPU_MOUNT": "/nonexistent"}
+    container = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    line = container.stdout.readline()
+    if not line:
+        err = container.communicate()[1]
+        if "Operation not permitted" in err or "cannot" in err:
+            pytest.skip(f"this sandbox cannot make mount namespaces: {err.strip()}")
+        pytest.fail(err)
+    info = json.loads(line)
+    try:
+        assert info["devices"] == 1
+        assert [s["pid"] for s in daemon.vdev("davinci2")["sessions"]] == [info["pid"]]
+    finally:
+        assert _finish(container) == "intact"
