@@ -20,7 +20,7 @@ from construct import ConstructError
 from interposer import wire
 from interposer.session import answer_sync
 from interposer.translate import Translator
-from interposer.wire import COMMANDS, FrameBuffer, Op, Parts, Reply
+from interposer.wire import COMMANDS, Body, FrameBuffer, Op, Parts, Reply
 from npu.errors import AclError, FlexNPUError, InvalidParam, ProtocolError
 
 FLUSH_RECORDS = 4096  # send a batch early once it is this long ...
@@ -112,12 +112,12 @@ class DirectTransport:
     def send(self, frame: Parts) -> None:
         self.call(frame)
 
-    def call(self, frame: Parts) -> memoryview:
+    def call(self, frame: Parts) -> Body:
         reply: Parts = []
         for part in frame:
             for count, body in self._frames.feed(part):
-                reply = answer_sync(self.translator, count, body) or []
-        return memoryview(b"".join(reply[1:]))  # drop the frame header
+                reply = answer_sync(self.translator, wire.decode_records(count, body)) or []
+        return Body([memoryview(p) for p in reply[1:]])  # the reply's parts, less the frame header; no copy
 
     def close(self) -> None:
         self.translator.close()

@@ -1,6 +1,6 @@
 """The transport-independent half of a session: frames in, reply frames out.
 
-`answer(handler, count, body)` is a generator that yields each Wait the translator asks for and returns the
+`answer(handler, records)` is a generator that yields each Wait the translator asks for and returns the
 reply frame (or None when the frame held only asynchronous records). The FUSE transport drives it with trio,
 direct mode with the calling thread, so both run exactly the same protocol logic.
 """
@@ -23,10 +23,10 @@ class Handler(Protocol):
     def close(self) -> None: ...
 
 
-def answer(handler: Handler, count: int, body: memoryview) -> Generator[Wait, None, bytes | None]:
-    parts: list[bytes | memoryview] = []
+def answer(handler: Handler, records: list[Record]) -> Generator[Wait, None, wire.Parts | None]:
+    parts: wire.Parts = []
     replies = 0
-    for record in wire.decode_records(count, body):
+    for record in records:
         result = handler.execute(record)
         if isinstance(result, Wait):
             yield result
@@ -41,8 +41,8 @@ def answer(handler: Handler, count: int, body: memoryview) -> Generator[Wait, No
     return wire.frame(parts, replies) if replies else None
 
 
-def answer_sync(handler: Handler, count: int, body: memoryview) -> bytes | None:
-    steps = answer(handler, count, body)
+def answer_sync(handler: Handler, records: list[Record]) -> wire.Parts | None:
+    steps = answer(handler, records)
     try:
         wait = next(steps)
         while True:
@@ -52,8 +52,8 @@ def answer_sync(handler: Handler, count: int, body: memoryview) -> bytes | None:
         return stop.value
 
 
-async def answer_async(handler: Handler, count: int, body: memoryview) -> bytes | None:
-    steps = answer(handler, count, body)
+async def answer_async(handler: Handler, records: list[Record]) -> wire.Parts | None:
+    steps = answer(handler, records)
     try:
         wait = next(steps)
         while True:

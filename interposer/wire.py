@@ -406,12 +406,15 @@ def decode_records(count: int, body: memoryview | Body) -> list[Record]:
     return records
 
 
-def decode_replies(body: memoryview) -> list[Reply]:
+def decode_replies(body: memoryview | Body) -> list[Reply]:
     replies = []
     offset, end = 0, len(body)
+    pieces = isinstance(body, Body)
     while offset < end:
-        seq, status, length = ReplyHeader.codec.unpack_from(body, offset)
+        header = body.read(offset, REPLY_HEADER_SIZE) if pieces else body[offset : offset + REPLY_HEADER_SIZE]
+        seq, status, length = ReplyHeader.codec.unpack(header)
         offset += REPLY_HEADER_SIZE
-        replies.append(Reply(seq, status, body[offset : offset + length]))
+        payload = body.read(offset, length) if pieces else body[offset : offset + length]
+        replies.append(Reply(seq, status, payload))
         offset += length
     return replies

@@ -68,6 +68,7 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str) -> Non
     )
     try:
         async with trio.open_nursery() as nursery:
+            fs.spawn = nursery.start_soon
             for unit in topology.physical:
                 nursery.start_soon(unit.runner.run)
             nursery.start_soon(_terminate_on_signal)
@@ -76,7 +77,7 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str) -> Non
     finally:
         for channel in list(fs.open_files.values()):
             if not isinstance(channel, bytes):
-                channel.handler.close()
+                channel.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted", mountpoint=str(mountpoint))
 

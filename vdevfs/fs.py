@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -23,7 +24,7 @@ from interposer import wire
 from interposer.session import Handler, answer_async
 from interposer.topology import Topology, VirtualNPU
 from interposer.translate import Translator, VersionOnly
-from interposer.wire import FrameBuffer
+from interposer.wire import FrameBuffer, Record
 from npu.errors import FlexNPUError
 
 log = structlog.get_logger()
@@ -61,7 +62,9 @@ class Channel:
     handler: Handler
     log: structlog.typing.FilteringBoundLogger
     frames: FrameBuffer = field(default_factory=FrameBuffer)
+    spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
     replies: list[bytes | memoryview] = field(default_factory=list)
+    deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def write(self, data: bytes) -> None:
@@ -72,8 +75,16 @@ class Channel:
         except trio.WouldBlock:
             await self.lock.acquire()
         try:
+            self._run_deferred()
             for count, body in self.frames.feed(data):
-                reply = await answer_async(self.handler, count, body)
+                records = wire.decode_records(count, body)  # a malformed frame fails its own write
+                if self.spawn is not None and not any(r.command.sync for r in records):
+                    # Nobody waits for an answer: let the write return now and run the records right after,
+                    # so the client encodes its next batch while the daemon translates this one.
+                    self.deferred.append(records)
+                    self.spawn(self._run_deferred_soon)
+                    continue
+                reply = await answer_async(self.handler, records)
                 if reply is not None:
                     self.replies += reply
         except FlexNPUError as exc:
@@ -85,6 +96,20 @@ class Channel:
             raise
         finally:
             self.lock.release()
+
+    def _run_deferred(self) -> None:
+        """Run deferred frames in arrival order; a later write runs them first itself if it gets there first.
+        Asynchronous records never wait, so this runs to completion without yielding to other tasks."""
+        while self.deferred:
+            for record in self.deferred.pop(0):
+                self.handler.execute(record)
+
+    async def _run_deferred_soon(self) -> None:
+        self._run_deferred()
+
+    def close(self) -> None:
+        self.deferred.clear()
+        self.handler.close()
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes of queued replies; the client reads until it has a whole frame."""
@@ -115,6 +140,7 @@ class DeviceFS(pyfuse3.Operations):
             self.devices[FIRST_DEVICE_INODE + i] = vdev
         self.open_files: dict[int, Channel | bytes] = {}
         self._next_fh = 1
+        self.spawn: Callable | None = None  # set by the daemon once its nursery is open
 
     # -- metadata -----------------------------------------------------------------------------------------
 
@@ -175,7 +201,7 @@ class DeviceFS(pyfuse3.Operations):
             content: Channel | bytes = self.status_bytes()
         elif inode in self.devices:
             translator = Translator(self.devices[inode], pid=ctx.pid)
-            content = Channel(translator, translator.log)
+            content = Channel(translator, translator.log, spawn=self.spawn)
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
             name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
             content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name))
@@ -206,7 +232,7 @@ class DeviceFS(pyfuse3.Operations):
     async def release(self, fh):
         content = self.open_files.pop(fh, None)
         if isinstance(content, Channel):
-            content.handler.close()
+            content.close()
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
