@@ -64,7 +64,7 @@ class Topology:
                     "name": v.name,
                     "physical": v.physical.name,
                     "chip": v.physical.npu.profile.name,
-                    "role": v.role.value,
+                    "role": "any" if v.role is Phase.UNKNOWN else v.role.value,
                     "memory_used": v.used,
                     "memory_quota": v.quota,
                     "sessions": [s.status() for s in v.sessions],
