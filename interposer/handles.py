@@ -28,6 +28,7 @@ class Kind(IntEnum):
     CONTEXT = 0xC1
     STREAM = 0xC2
     EVENT = 0xC3
+    GRAPH = 0xC4
 
 
 def is_device_address(ptr: int) -> bool:

@@ -10,15 +10,19 @@ asynchronous records, failures that the next synchronisation reports.
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
+from construct import ConstructError
 
 from interposer import wire
 from interposer.handles import HandleTable, Kind
 from interposer.topology import VirtualNPU
 from interposer.wire import Op, Record
+from npu.emulated import dtypes
+from npu.emulated.ops import Kernel, KernelTask, TensorSpec, bind
 from npu.errors import AclError, FlexNPUError, InvalidParam, NotSupported, OutOfMemory
 from npu.memory import Region, rounded_size
 from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice, Task
@@ -75,6 +79,8 @@ class Translator:
         self.memory = 0  # bytes this session holds (rounded as the device counts them)
         self.deliveries: list[tuple[int, bytes]] = []  # async device-to-host bytes awaiting the next sync
         self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
+        self.templates: dict[int, Kernel | FlexNPUError] = {}  # operator descriptions, by the client's id
+        self.capturing: dict[Stream, Graph] = {}  # streams whose work is being captured into a graph
         self.default_stream = self._open_stream()
         self.log = log.bind(session=self.id, pid=pid, device=vdev.name)
         vdev.sessions.append(self)
@@ -170,11 +176,24 @@ class Translator:
 
     def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task]) -> None:
         try:
-            entry = TaskEntry(stream, seq, task=make_task())
+            task = make_task()
         except FlexNPUError as exc:
             self.log.info("async_record_refused", seq=seq, code=int(exc.code), error=exc.message)
-            entry = FailEntry(stream, seq, error=exc)
-        self.runner.submit(entry)
+            graph = self.capturing.get(stream)
+            if graph is not None:
+                graph.failure = graph.failure or AsyncFailure(seq, exc)
+            else:
+                self.runner.submit(FailEntry(stream, seq, error=exc))
+            return
+        graph = self.capturing.get(stream)
+        if graph is not None:
+            graph.tasks.append(task)
+        else:
+            self.runner.submit(TaskEntry(stream, seq, task=task))
+
+    def _not_capturing(self, stream: Stream, what: str) -> None:
+        if stream in self.capturing:
+            raise NotSupported(f"{what} on a stream being captured: a captured graph holds operators and copies only")
 
     def _report(self, *streams: Stream) -> Answer:
         """Answer a synchronisation: the earliest asynchronous failure it covers, else success."""
@@ -257,12 +276,14 @@ class Translator:
 
     def _event_record(self, seq, args, data):
         stream = self._stream(args.stream)
+        self._not_capturing(stream, "record_event")
         event = self.handles.get(args.event, Kind.EVENT)
         event.recorded += 1
         self.runner.submit(RecordEntry(stream, seq, event=event, generation=event.recorded))
 
     def _event_wait(self, seq, args, data):
         stream = self._stream(args.stream)
+        self._not_capturing(stream, "stream_wait_event")
         event = self.handles.get(args.event, Kind.EVENT)
         self.runner.submit(WaitEntry(stream, seq, event=event, generation=event.recorded))
 
@@ -381,6 +402,82 @@ class Translator:
             stream, seq, lambda: Fill(self._region(args.ptr, args.count, "memset_async ptr"), _byte(args.value))
         )
 
+    # -- operators and graphs -----------------------------------------------------------------------------
+
+    def _op_template(self, seq, args, data):
+        """Check a description once; a refused one is kept, so each launch of it fails on its own stream."""
+        try:
+            description = wire.OpDescription.parse(bytes(data))
+            op = description.op_type
+            kernel: Kernel | FlexNPUError = bind(
+                op,
+                [_spec(op, f"input {i}", t) for i, t in enumerate(description.inputs)],
+                [_spec(op, f"output {i}", t) for i, t in enumerate(description.outputs)],
+                {a.name: a.value for a in description.attrs},
+            )
+        except ConstructError as exc:
+            kernel = InvalidParam(f"operator description (template {args.template}) is malformed: {exc}")
+        except FlexNPUError as exc:
+            kernel = exc
+        if isinstance(kernel, FlexNPUError):
+            self.log.info("operator_refused", seq=seq, template=args.template, error=kernel.message)
+        self.templates[args.template] = kernel
+
+    def _op_launch(self, seq, args, data):
+        self._submit(self._stream(args.stream), seq, lambda: self._kernel_task(args, data))
+
+    def _kernel_task(self, args, data) -> KernelTask:
+        kernel = self.templates.get(args.template)
+        if kernel is None:
+            raise InvalidParam(f"operator launch names template {args.template}, never described in this session")
+        if isinstance(kernel, FlexNPUError):
+            raise kernel
+        ins, outs = kernel.ins, kernel.outs
+        if args.count != len(ins) + len(outs) or len(data) != 8 * args.count:
+            raise InvalidParam(
+                f"{kernel.op_type} launch: {args.count} buffers for {len(ins)} inputs and {len(outs)} outputs"
+            )
+        addresses = struct.unpack(f"<{args.count}Q", bytes(data))
+        op = kernel.op_type
+        return KernelTask(
+            kernel,
+            tuple(
+                self._region(a, t.nbytes, f"{op} input {i}")
+                for i, (a, t) in enumerate(zip(addresses, ins, strict=False))
+            ),
+            tuple(
+                self._region(a, t.nbytes, f"{op} output {i}")
+                for i, (a, t) in enumerate(zip(addresses[len(ins) :], outs, strict=True))
+            ),
+        )
+
+    def _capture_begin(self, seq, args, data):
+        stream = self._stream(args.stream)
+        if stream in self.capturing:
+            raise InvalidParam("capture_begin: this stream is already being captured")
+        self.capturing[stream] = Graph()
+        return OK
+
+    def _capture_end(self, seq, args, data):
+        stream = self._stream(args.stream)
+        graph = self.capturing.pop(stream, None)
+        if graph is None:
+            raise InvalidParam("capture_end: this stream is not being captured (call capture_begin on it first)")
+        if graph.failure is not None:
+            f = graph.failure
+            raise type(f.error)(f"captured record seq {f.seq} failed: {f.error.message}", f.error.code)
+        return ok(wire.COMMANDS[Op.GRAPH_CAPTURE_END], handle=self.handles.add(Kind.GRAPH, graph))
+
+    def _graph_launch(self, seq, args, data):
+        graph = self.handles.get(args.graph, Kind.GRAPH)
+        stream = self._stream(args.stream)
+        for task in graph.tasks:
+            self._submit(stream, seq, lambda task=task: task)
+
+    def _graph_destroy(self, seq, args, data):
+        self.handles.remove(args.handle, Kind.GRAPH)
+        return OK
+
     _HANDLERS: dict[Op, Callable] = {
         Op.HELLO: _hello,
         Op.VERSION: _version,
@@ -409,6 +506,12 @@ class Translator:
         Op.MEMCPY_D2H_ASYNC: _memcpy_d2h_async,
         Op.MEMCPY_D2D_ASYNC: _memcpy_d2d_async,
         Op.MEMSET_ASYNC: _memset_async,
+        Op.OP_TEMPLATE: _op_template,
+        Op.OP_LAUNCH: _op_launch,
+        Op.GRAPH_CAPTURE_BEGIN: _capture_begin,
+        Op.GRAPH_CAPTURE_END: _capture_end,
+        Op.GRAPH_LAUNCH: _graph_launch,
+        Op.GRAPH_DESTROY: _graph_destroy,
     }
 
 
@@ -429,6 +532,21 @@ class VersionOnly:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(eq=False)
+class Graph:
+    """Work captured from a stream, replayed by one record: the same tasks, so the same numerics and cost."""
+
+    tasks: list[Task] = field(default_factory=list)
+    failure: AsyncFailure | None = None
+
+
+def _spec(op: str, which: str, description) -> TensorSpec:
+    dims = tuple(description.dims)
+    if any(d < 0 for d in dims):
+        raise InvalidParam(f"{op} {which}: dims {list(dims)} must be >= 0")
+    return TensorSpec(dtypes.from_acl(description.dtype, f"{op} {which}"), dims)
 
 
 def _check_count(count: int, data: memoryview) -> None:

@@ -25,7 +25,27 @@ from collections import namedtuple
 from dataclasses import dataclass
 from enum import IntEnum
 
-from construct import Bytes, Const, FormatField, Int8ul, Int16ul, Int32ul, Int64ul, PascalString, Renamed, Struct
+from construct import (
+    Bytes,
+    Const,
+    Error,
+    Flag,
+    Float64l,
+    FormatField,
+    Int8ul,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64sl,
+    Int64ul,
+    PascalString,
+    PrefixedArray,
+    Renamed,
+    Struct,
+    Switch,
+    Terminated,
+    this,
+)
 
 from npu.errors import InvalidParam, ProtocolError
 
@@ -52,7 +72,7 @@ class Layout:
     def __init__(self, name: str, definition: Struct) -> None:
         self.name = name
         self.definition = definition
-        fmt, names, self.consts = "<", [], {}
+        fmt, names, self.consts, self.lengths = "<", [], {}, {}
         for sub in definition.subcons:
             if not isinstance(sub, Renamed):
                 raise TypeError(f"{name}: every field needs a name")
@@ -64,6 +84,7 @@ class Layout:
                 fmt += field.fmtstr.lstrip("<>=!")
             elif isinstance(field, Bytes) and isinstance(field.length, int):
                 fmt += f"{field.length}s"
+                self.lengths[sub.name] = field.length  # struct pads or cuts bytes silently; construct refuses
             else:
                 raise TypeError(f"{name}.{sub.name}: not a fixed-size field")
             names.append(sub.name)
@@ -85,6 +106,9 @@ class Layout:
         return self.build(fields)
 
     def build(self, fields) -> bytes:
+        for key, length in self.lengths.items():
+            if key in fields and len(fields[key]) != length:
+                raise InvalidParam(f"{self.name}.{key}: {len(fields[key])} bytes, the field holds exactly {length}")
         try:
             return self.codec.pack(*[fields[n] for n in self.names])
         except KeyError as exc:
@@ -140,6 +164,12 @@ class Op(IntEnum):
     MEMCPY_D2H_ASYNC = 55
     MEMCPY_D2D_ASYNC = 56
     MEMSET_ASYNC = 57
+    OP_TEMPLATE = 60
+    OP_LAUNCH = 61
+    GRAPH_CAPTURE_BEGIN = 70
+    GRAPH_CAPTURE_END = 71
+    GRAPH_LAUNCH = 72
+    GRAPH_DESTROY = 73
 
 
 @dataclass(frozen=True)
@@ -211,9 +241,60 @@ COMMANDS: dict[Op, Command] = {
         _c(Op.MEMCPY_D2H_ASYNC, _StreamCopy, sync=False),
         _c(Op.MEMCPY_D2D_ASYNC, _StreamCopy, sync=False),
         _c(Op.MEMSET_ASYNC, _StreamFill, sync=False),
+        # An operator's description once per session (bulk: an OpDescription), then launches naming it by
+        # template id with their buffer addresses (bulk: `count` little-endian u64), so a launch stays small.
+        _c(Op.OP_TEMPLATE, layout("OpTemplate", "template" / Int32ul), sync=False, bulk=True),
+        _c(
+            Op.OP_LAUNCH,
+            layout("OpLaunch", "stream" / Int64ul, "template" / Int32ul, "count" / Int32ul),
+            sync=False,
+            bulk=True,
+        ),
+        _c(Op.GRAPH_CAPTURE_BEGIN, layout("CaptureBegin", "stream" / Int64ul, "mode" / Int32ul)),
+        _c(Op.GRAPH_CAPTURE_END, layout("CaptureEnd", "stream" / Int64ul), Handle),
+        _c(Op.GRAPH_LAUNCH, layout("GraphLaunch", "graph" / Int64ul, "stream" / Int64ul), sync=False),
+        _c(Op.GRAPH_DESTROY, Handle),
     )
 }
 BY_CMD: dict[int, Command] = {c.cmd: c for c in COMMANDS.values()}
+
+
+class AttrKind(IntEnum):
+    INT = 0
+    FLOAT = 1
+    BOOL = 2
+    STRING = 3
+    LIST_INT = 4
+    LIST_FLOAT = 5
+    LIST_BOOL = 6
+
+
+TensorDescription = Struct("dtype" / Int32sl, "format" / Int32sl, "dims" / PrefixedArray(Int8ul, Int64sl))
+Attribute = Struct(
+    "name" / PascalString(Int8ul, "utf8"),
+    "kind" / Int8ul,
+    "value"
+    / Switch(
+        this.kind,
+        {
+            AttrKind.INT: Int64sl,
+            AttrKind.FLOAT: Float64l,
+            AttrKind.BOOL: Flag,
+            AttrKind.STRING: PascalString(Int16ul, "utf8"),
+            AttrKind.LIST_INT: PrefixedArray(Int16ul, Int64sl),
+            AttrKind.LIST_FLOAT: PrefixedArray(Int16ul, Float64l),
+            AttrKind.LIST_BOOL: PrefixedArray(Int16ul, Flag),
+        },
+        default=Error,
+    ),
+)
+OpDescription = Struct(
+    "op_type" / PascalString(Int8ul, "utf8"),
+    "inputs" / PrefixedArray(Int16ul, TensorDescription),
+    "outputs" / PrefixedArray(Int16ul, TensorDescription),
+    "attrs" / PrefixedArray(Int16ul, Attribute),
+    Terminated,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +399,8 @@ class FrameBuffer:
 
     @property
     def pending(self) -> int:
-        return len(self._header) + self._got
+        """Bytes of an incomplete frame held back (0 between frames)."""
+        return len(self._header) + (FRAME_HEADER_SIZE + self._got if self._need is not None else 0)
 
     def feed(self, data: bytes | memoryview) -> list[tuple[int, memoryview | Body]]:
         """Add bytes; return (record count, body) of every frame now complete."""

@@ -15,6 +15,7 @@ class PhysicalNPU(Protocol):
     mode: str  # "numeric" or "timing"
     memory: DeviceMemory
 
-    def duration(self, task: Task, cores: int) -> float:
-        """Modeled seconds `task` takes alone on `cores` AI cores."""
+    def rates(self, running: list[tuple[Task, int]]) -> list[float]:
+        """Progress per modeled second (1.0 = the whole task) of tasks running together, each with the
+        number of AI cores its policy allows."""
         ...

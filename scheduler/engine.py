@@ -157,6 +157,7 @@ class Engine:
         return bool(chosen)
 
     def _rerate(self) -> None:
-        for entry in self.running:
-            assert entry.task is not None
-            entry.rate = 1.0 / self.npu.duration(entry.task, entry.cores)
+        """Running tasks share the chip: every start or finish changes everyone's rate."""
+        rates = self.npu.rates([(entry.task, entry.cores) for entry in self.running])
+        for entry, rate in zip(self.running, rates, strict=True):
+            entry.rate = rate

@@ -23,6 +23,7 @@ With no file: two emulated 910B2 NPUs, each exposed as two virtual NPUs (davinci
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -99,9 +100,16 @@ def load(path: str | Path | None) -> Config:
 def parse(raw: dict) -> Config:
     _only(raw, "", {"daemon", "physical", "virtual"})
     daemon = raw.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError("daemon", daemon, "must be a table ([daemon])")
     _only(daemon, "daemon.", {"time_scale", "policy"})
     time_scale = daemon.get("time_scale", 1.0)
-    if not isinstance(time_scale, int | float) or isinstance(time_scale, bool) or time_scale < 0:
+    if (
+        not isinstance(time_scale, int | float)
+        or isinstance(time_scale, bool)
+        or not math.isfinite(time_scale)
+        or time_scale < 0
+    ):
         raise ConfigError("daemon.time_scale", time_scale, "must be a number >= 0 (0: no clock, 1: real time)")
     policy = daemon.get("policy", "fifo")
     if policy not in POLICIES:
@@ -211,7 +219,7 @@ def _size(key: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value) if isinstance(value, str) else None
-    if match and match.group(2).upper() in UNITS and float(match.group(1)) > 0:
+    if match and match.group(2).upper() in UNITS and float(match.group(1)) * UNITS[match.group(2).upper()] >= 1:
         return int(float(match.group(1)) * UNITS[match.group(2).upper()])
     raise ConfigError(key, value, "not a size: use bytes (an integer) or a number with KiB, MiB, GiB, KB, MB or GB")
 
@@ -233,10 +241,10 @@ def _owner(key: str, value: object) -> tuple[int, int]:
 
 def _mode(key: str, value: object) -> int:
     try:
-        mode = int(value, 8) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
+        mode = int(value, 8) if isinstance(value, str) else value if type(value) is int else -1
+    except ValueError:
         mode = -1
-    if not 0 <= mode <= 0o777 or isinstance(value, bool):
+    if not 0 <= mode <= 0o777:
         raise ConfigError(key, value, 'must be permission bits in octal, such as "0660"')
     return mode
 

@@ -19,5 +19,5 @@ class EmulatedNPU:
         self.mode = mode
         self.memory = DeviceMemory(profile.memory_bytes, backed=mode == "numeric")
 
-    def duration(self, task: Task, cores: int) -> float:
-        return timing.duration(self.profile, task.cost(), cores)
+    def rates(self, running: list[tuple[Task, int]]) -> list[float]:
+        return timing.rates(self.profile, [(task.cost(), cores) for task, cores in running])

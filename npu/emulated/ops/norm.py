@@ -1,0 +1,97 @@
+"""Normalisations: RmsNorm, AddRmsNorm (residual add fused in), LayerNorm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, widen
+
+F32 = np.dtype(np.float32)
+
+
+def _params_tail(op: str, x: TensorSpec, gamma: TensorSpec, name: str = "gamma") -> int:
+    k = len(gamma.shape)
+    if k == 0 or k > len(x.shape) or x.shape[-k:] != gamma.shape:
+        raise operand_error(op, name, f"shape {list(gamma.shape)} is not a trailing part of x's {list(x.shape)}")
+    return k
+
+
+def _rms(x: np.ndarray, gamma: np.ndarray, k: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    axes = tuple(range(x.ndim - k, x.ndim))
+    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + eps)
+    return x * rstd * gamma, rstd
+
+
+@register
+class RmsNorm(Op):
+    """y = x / sqrt(mean(x^2) + epsilon) * gamma over gamma's trailing dims; outputs y and rstd (float32).
+    attr epsilon (default 1e-6)."""
+
+    name = "RmsNorm"
+    inputs = (2, 2)
+
+    def infer(self, ins, attrs, outs):
+        x, gamma = ins
+        same_dtype(self.name, ins, ("x", "gamma"))
+        k = _params_tail(self.name, x, gamma)
+        return [x, TensorSpec(F32, x.shape[: len(x.shape) - k] + (1,) * k)]
+
+    def compute(self, ins, attrs):
+        x, gamma = widen(ins[0]), widen(ins[1])
+        return list(_rms(x, gamma, gamma.ndim, float(attrs.get("epsilon", 1e-6))))
+
+
+@register
+class AddRmsNorm(Op):
+    """x = x1 + x2 (the residual add), then RmsNorm(x, gamma); outputs y, rstd (float32) and x."""
+
+    name = "AddRmsNorm"
+    inputs = (3, 3)
+
+    def infer(self, ins, attrs, outs):
+        x1, x2, gamma = ins
+        same_dtype(self.name, ins, ("x1", "x2", "gamma"))
+        if x1.shape != x2.shape:
+            raise operand_error(self.name, "x2", f"shape {list(x2.shape)} differs from x1's {list(x1.shape)}")
+        k = _params_tail(self.name, x1, gamma)
+        return [x1, TensorSpec(F32, x1.shape[: len(x1.shape) - k] + (1,) * k), x1]
+
+    def compute(self, ins, attrs):
+        x = widen(ins[0]) + widen(ins[1])
+        gamma = widen(ins[2])
+        y, rstd = _rms(x, gamma, gamma.ndim, float(attrs.get("epsilon", 1e-6)))
+        return [y, rstd, x]
+
+
+@register
+class LayerNorm(Op):
+    """Normalise over dims from attr begin_norm_axis (default -1); scale by gamma, shift by beta (their
+    shape is x's from begin_params_axis, default -1). attr epsilon (default 1e-5). Outputs y, mean and
+    variance (float32, reduced dims kept as 1)."""
+
+    name = "LayerNorm"
+    inputs = (3, 3)
+
+    def _axes(self, x: TensorSpec, attrs) -> int:
+        rank = len(x.shape)
+        begin = int(attrs.get("begin_norm_axis", -1))
+        if not -rank <= begin < rank:
+            raise operand_error(self.name, "attr begin_norm_axis", f"{begin} is out of range for rank {rank}")
+        return begin % rank
+
+    def infer(self, ins, attrs, outs):
+        x, gamma, beta = ins
+        same_dtype(self.name, ins, ("x", "gamma", "beta"))
+        begin = self._axes(x, attrs)
+        _params_tail(self.name, x, gamma)
+        _params_tail(self.name, x, beta, "beta")
+        stat = TensorSpec(F32, x.shape[:begin] + (1,) * (len(x.shape) - begin))
+        return [x, stat, stat]
+
+    def compute(self, ins, attrs):
+        x, gamma, beta = (widen(a) for a in ins)
+        axes = tuple(range(self._axes(TensorSpec(ins[0].dtype, ins[0].shape), attrs), x.ndim))
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
+        return [y, mean, var]

@@ -1,0 +1,170 @@
+"""Data movement: gather (embeddings), concat, transpose, reshape, argmax, scatter (KV-cache writes).
+
+Where Ascend passes an axis, permutation or shape as an input tensor, the emulated op takes the same value
+as an attribute (its launch description must be checked before any data exists); a tensor input of the
+same meaning is accepted and checked against it when the kernel runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npu.emulated.ops.base import Op, TensorSpec, axis, operand_error, register
+from npu.errors import InvalidParam
+from npu.tasks import Cost
+
+INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def _index(op: str, spec: TensorSpec, name: str) -> None:
+    if spec.dtype not in INDEX_TYPES:
+        raise operand_error(op, name, f"must be int32 or int64, got {spec.dtype.name}")
+
+
+def _scalar_input(op: str, ins: list[np.ndarray], i: int, expected, what: str) -> None:
+    """A value passed both as attr and as tensor input must agree."""
+    if len(ins) > i and list(np.asarray(ins[i]).reshape(-1)) != list(np.atleast_1d(expected)):
+        raise InvalidParam(f"{op} {what}: tensor input {ins[i].reshape(-1).tolist()} differs from attr {expected}")
+
+
+@register
+class GatherV2(Op):
+    """Rows of x picked by indices along attr axis (default 0): the embedding lookup."""
+
+    name = "GatherV2"
+    aliases = ("Gather",)
+    inputs = (2, 3)
+
+    def infer(self, ins, attrs, outs):
+        x, indices = ins[0], ins[1]
+        _index(self.name, indices, "indices")
+        a = axis(self.name, int(attrs.get("axis", 0)), len(x.shape), "attr axis")
+        return [TensorSpec(x.dtype, x.shape[:a] + indices.shape + x.shape[a + 1 :])]
+
+    def compute(self, ins, attrs):
+        a = int(attrs.get("axis", 0))
+        _scalar_input(self.name, ins, 2, a, "axis")
+        x, indices = ins[0], ins[1]
+        if indices.size and (indices.min() < -x.shape[a] or indices.max() >= x.shape[a]):
+            raise InvalidParam(f"{self.name} indices: values outside [0, {x.shape[a]}) on axis {a}")
+        return [np.take(x, indices, axis=a)]
+
+    def cost(self, ins, outs, attrs):
+        return Cost(hbm_bytes=ins[1].nbytes + 2 * outs[0].nbytes)  # only the gathered rows are read
+
+
+@register
+class ConcatD(Op):
+    """Inputs joined along attr concat_dim (default 0)."""
+
+    name = "ConcatD"
+    aliases = ("Concat",)
+    inputs = (1, 256)
+
+    def infer(self, ins, attrs, outs):
+        first = ins[0]
+        d = axis(self.name, int(attrs.get("concat_dim", 0)), len(first.shape), "attr concat_dim")
+        for i, t in enumerate(ins[1:], 1):
+            if t.dtype != first.dtype or len(t.shape) != len(first.shape):
+                raise operand_error(self.name, f"input {i}", f"{t} does not match input 0's {first}")
+            if t.shape[:d] + t.shape[d + 1 :] != first.shape[:d] + first.shape[d + 1 :]:
+                raise operand_error(self.name, f"input {i}", f"shape {list(t.shape)} differs off dim {d}")
+        shape = list(first.shape)
+        shape[d] = sum(t.shape[d] for t in ins)
+        return [TensorSpec(first.dtype, tuple(shape))]
+
+    def compute(self, ins, attrs):
+        return [np.concatenate(ins, axis=int(attrs.get("concat_dim", 0)))]
+
+
+@register
+class Transpose(Op):
+    """Permute x's dims by attr perm."""
+
+    name = "Transpose"
+    aliases = ("TransposeD",)
+    inputs = (1, 2)
+
+    def infer(self, ins, attrs, outs):
+        x = ins[0]
+        perm = [int(p) for p in attrs.get("perm", [])]
+        if sorted(perm) != list(range(len(x.shape))):
+            raise operand_error(self.name, "attr perm", f"{perm} is not a permutation of {len(x.shape)} dims")
+        return [TensorSpec(x.dtype, tuple(x.shape[p] for p in perm))]
+
+    def compute(self, ins, attrs):
+        perm = [int(p) for p in attrs["perm"]]
+        _scalar_input(self.name, ins, 1, perm, "perm")
+        return [np.transpose(ins[0], perm)]
+
+
+@register
+class Reshape(Op):
+    """Metadata only: the declared output's shape, same dtype and element count. Costs nothing; when the
+    output is another buffer the bytes are copied in numeric mode (on the chip they would be aliased)."""
+
+    name = "Reshape"
+    inputs = (1, 2)
+
+    def infer(self, ins, attrs, outs):
+        x = ins[0]
+        target = outs[0].shape if outs else x.shape
+        out = TensorSpec(x.dtype, target)
+        if out.size != x.size:
+            raise operand_error(self.name, "output 0", f"{list(target)} holds {out.size} elements, x has {x.size}")
+        return [out]
+
+    def compute(self, ins, attrs):
+        return [ins[0].reshape(-1)]
+
+    def cost(self, ins, outs, attrs):
+        return Cost()
+
+
+@register
+class ArgMaxV2(Op):
+    """Index of the maximum along attr dimension (default -1); attr dtype: 3 (int32, default) or 9 (int64)."""
+
+    name = "ArgMaxV2"
+    aliases = ("ArgMax",)
+    inputs = (1, 2)
+
+    def infer(self, ins, attrs, outs):
+        x = ins[0]
+        d = axis(self.name, int(attrs.get("dimension", -1)), len(x.shape), "attr dimension")
+        out_type = {3: np.int32, 9: np.int64}.get(int(attrs.get("dtype", 3)))
+        if out_type is None:
+            raise operand_error(self.name, "attr dtype", "must be 3 (int32) or 9 (int64)")
+        return [TensorSpec(np.dtype(out_type), x.shape[:d] + x.shape[d + 1 :])]
+
+    def compute(self, ins, attrs):
+        d = int(attrs.get("dimension", -1))
+        _scalar_input(self.name, ins, 1, d, "dimension")
+        x = ins[0].astype(np.float32) if ins[0].dtype.kind == "V" or ins[0].dtype.itemsize == 2 else ins[0]
+        return [np.argmax(x, axis=d)]
+
+
+@register
+class ScatterUpdate(Op):
+    """var[indices] = updates along dim 0; the output is the updated var (usually the same buffer)."""
+
+    name = "ScatterUpdate"
+    inputs = (3, 3)
+
+    def infer(self, ins, attrs, outs):
+        var, indices, updates = ins
+        _index(self.name, indices, "indices")
+        expected = indices.shape + var.shape[1:]
+        if updates.shape != expected or updates.dtype != var.dtype:
+            raise operand_error(self.name, "updates", f"is {updates}, expected {TensorSpec(var.dtype, expected)}")
+        return [var]
+
+    def compute(self, ins, attrs):
+        var, indices, updates = ins
+        if indices.size and (indices.min() < 0 or indices.max() >= var.shape[0]):
+            raise InvalidParam(f"{self.name} indices: values outside [0, {var.shape[0]})")
+        var[indices] = updates
+        return [var]
+
+    def cost(self, ins, outs, attrs):
+        return Cost(hbm_bytes=ins[1].nbytes + 2 * ins[2].nbytes)  # in place: only the updated rows move
