@@ -141,6 +141,7 @@ class Client:
         self._batch_records = 0
         self._batch_bytes = 0
         self._landing: dict[int, tuple[int, int]] = {}  # async D2H seq -> (host address, count)
+        self.templates: dict[tuple, int] = {}  # operator description -> template id sent on this session
         reply = self.call(Op.HELLO, version=wire.PROTOCOL_VERSION, phase=phase, pad=0, pid=os.getpid())
         hello = COMMANDS[Op.HELLO].reply.parse(reply.payload)
         self.info = DeviceInfo(hello.name, hello.chip, hello.total_memory)
@@ -177,6 +178,11 @@ class Client:
                 _copy_to(into, result.payload)
                 return Reply(result.seq, result.status, b"")
             return result
+
+    @property
+    def records_sent(self) -> int:
+        """Records this client has encoded so far (sent, or waiting in the batch)."""
+        return self._seq
 
     def flush(self) -> None:
         with self._lock:

@@ -19,9 +19,11 @@ import glob
 import os
 import re
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 
+from interposer import wire
 from interposer.client import Client, DirectTransport, FileTransport
 from interposer.handles import is_device_address
 from interposer.translate import Translator
@@ -223,6 +225,10 @@ class Runtime:
         self._owner[handle] = device
         return handle
 
+    def adopt(self, handle: int, like: int) -> None:
+        """Route a handle the daemon created (a captured graph) to the session of handle `like`."""
+        self._owner[handle] = self._owner.get(like, self.current_device()) if like else self.current_device()
+
     def destroy(self, op: Op, handle: int) -> None:
         check(self.client(handle).call(op, handle=handle))
         self._owner.pop(handle, None)
@@ -304,6 +310,34 @@ class Runtime:
             self.call(Op.MEMSET, ptr=ptr, value=value, count=count)
         else:
             self.submit(Op.MEMSET_ASYNC, stream, stream=stream, ptr=ptr, value=value, count=count)
+
+    # -- operators ----------------------------------------------------------------------------------------
+
+    def launch(self, op_type: str, ins: list, outs: list, attrs: dict, stream: int) -> None:
+        """Launch an operator. ins/outs: (dtype, format, dims, device address) per operand; attrs: name ->
+        (AttrKind, value). The description travels once per session; each launch is a template id plus
+        addresses."""
+        client = self.client(stream)
+        key = (op_type, *((d, f, tuple(dims)) for d, f, dims, _ in (*ins, *outs)), "|", *_frozen(attrs))
+        template = client.templates.get(key)
+        if template is None:
+            template = client.templates[key] = len(client.templates) + 1
+            description = wire.OpDescription.build(
+                {
+                    "op_type": op_type,
+                    "inputs": [{"dtype": d, "format": f, "dims": list(dims)} for d, f, dims, _ in ins],
+                    "outputs": [{"dtype": d, "format": f, "dims": list(dims)} for d, f, dims, _ in outs],
+                    "attrs": [{"name": n, "kind": k, "value": v} for n, (k, v) in attrs.items()],
+                }
+            )
+            client.submit(Op.OP_TEMPLATE, description, template=template)
+        addresses = [ptr for *_, ptr in (*ins, *outs)]
+        packed = struct.pack(f"<{len(addresses)}Q", *addresses)
+        client.submit(Op.OP_LAUNCH, packed, stream=stream, template=template, count=len(addresses))
+
+
+def _frozen(attrs: dict) -> list:
+    return [(n, k, tuple(v) if isinstance(v, list) else v) for n, (k, v) in sorted(attrs.items())]
 
 
 RUNTIME = Runtime()

@@ -38,6 +38,7 @@ class Engine:
         self.streams: set[Stream] = set()
         self.running: list[TaskEntry] = []
         self._arrivals = itertools.count()
+        self._stale = False  # the running set changed since rates were computed
 
     # -- what the translator calls -------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ class Engine:
         if stream.running is not None:
             self.running.remove(stream.running)
             stream.running = None
-            self._rerate()
+            self._stale = True
         stream.queue.clear()
 
     def submit(self, entry: Entry, now: float) -> None:
@@ -82,9 +83,13 @@ class Engine:
     def _next_completion(self) -> float | None:
         if not self.running:
             return None
+        if self._stale:
+            self._rerate()
         return self.t + min(e.remaining / e.rate for e in self.running)
 
     def _progress(self, t: float) -> None:
+        if self._stale:
+            self._rerate()
         dt = t - self.t
         self.t = t
         finished = []
@@ -96,8 +101,7 @@ class Engine:
             self.running.remove(entry)
             entry.stream.running = None
             self._complete(entry)
-        if finished:
-            self._rerate()
+        self._stale |= bool(finished)
 
     def _complete(self, entry: Entry) -> None:
         stream = entry.stream
@@ -152,12 +156,14 @@ class Engine:
             entry.started_at = self.t
             entry.stream.running = entry
             self.running.append(entry)
-        if chosen:
-            self._rerate()
+        self._stale |= bool(chosen)
         return bool(chosen)
 
     def _rerate(self) -> None:
-        """Running tasks share the chip: every start or finish changes everyone's rate."""
-        rates = self.npu.rates([(entry.task, entry.cores) for entry in self.running])
-        for entry, rate in zip(self.running, rates, strict=True):
-            entry.rate = rate
+        """Running tasks share the chip: every start or finish changes everyone's rate. Computed lazily, once
+        per change of the running set, just before progress is measured."""
+        self._stale = False
+        if self.running:
+            rates = self.npu.rates([(entry.task, entry.cores) for entry in self.running])
+            for entry, rate in zip(self.running, rates, strict=True):
+                entry.rate = rate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -191,17 +192,31 @@ def bench() -> None:
     """Benchmarks; each measures its baseline in the same run and prints ratios."""
 
 
-@bench.command("rt")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-rt.json", show_default=True)
-@click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run, not for figures).")
-def bench_rt(out: Path, quick: bool) -> None:
-    """Runtime path: bare FUSE echo vs device-file round trip, batching, memcpy, direct mode, daemon RSS."""
-    from tools import bench_rt as module
-
+def _bench(name: str, out: Path, quick: bool) -> None:
+    module = importlib.import_module(f"tools.bench_{name}")
     results = module.run(quick=quick)
     click.echo(module.render(results))
     out.write_text(json.dumps(results, indent=1) + "\n")
     click.echo(f"\nwrote {out}")
+
+
+QUICK = click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run, not for figures).")
+
+
+@bench.command("rt")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-rt.json", show_default=True)
+@QUICK
+def bench_rt(out: Path, quick: bool) -> None:
+    """Runtime path: bare FUSE echo vs device-file round trip, batching, memcpy, direct mode, daemon RSS."""
+    _bench("rt", out, quick)
+
+
+@bench.command("ops")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-ops.json", show_default=True)
+@QUICK
+def bench_ops(out: Path, quick: bool) -> None:
+    """Operator launches: daemon vs direct mode, eager vs replay of a captured 300-op graph."""
+    _bench("ops", out, quick)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Every rate is recomputed whenever a task starts or finishes, so completion times
 
 from __future__ import annotations
 
+import functools
+
 from npu.profiles import ChipProfile
 from npu.tasks import Cost
 
@@ -31,6 +33,17 @@ def duration(profile: ChipProfile, cost: Cost, cores: int) -> float:
 
 def rates(profile: ChipProfile, tasks: list[tuple[Cost, int]]) -> list[float]:
     """Progress per modeled second (1.0 = the whole task) of each of `tasks`, (cost, core cap), run together."""
+    if len(tasks) == 1:  # the common case, and launches repeat the same few costs: remember them
+        return [_alone(profile, *tasks[0])]
+    return _shared(profile, tasks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _alone(profile: ChipProfile, cost: Cost, cores: int) -> float:
+    return _shared(profile, [(cost, cores)])[0]
+
+
+def _shared(profile: ChipProfile, tasks: list[tuple[Cost, int]]) -> list[float]:
     total = profile.ai_cores
     cores = water_fill([_useful_cores(profile, cost, cap) for cost, cap in tasks], total)
     compute = [c.flops / (profile.peak_flops * k / total) for (c, _), k in zip(tasks, cores, strict=True)]

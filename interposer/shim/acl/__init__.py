@@ -6,7 +6,7 @@ on an Ascend host is never shadowed.
 
 from __future__ import annotations
 
-from acl import rt, util  # noqa: F401  (pyACL exposes these as attributes)
+from acl import mdl, op, rt, util  # noqa: F401  (pyACL exposes these as attributes)
 from acl._ret import code, last_error
 from acl._tensors import (  # noqa: F401
     create_data_buffer,

@@ -1,0 +1,35 @@
+"""acl.mdl: stream capture into a replayable graph (aclmdlRICapture*, aclmdlRIExecuteAsync, aclmdlRIDestroy).
+
+The spellings follow pyACL's rule for the C names (drop `aclmdl`, snake_case the rest). Offline models
+(`load_from_file`, datasets) are not provided.
+"""
+
+from __future__ import annotations
+
+from acl._ret import code, value
+from interposer.runtime import RUNTIME
+from interposer.wire import COMMANDS, Op
+
+ACL_MODEL_RI_CAPTURE_MODE_GLOBAL, ACL_MODEL_RI_CAPTURE_MODE_THREAD_LOCAL, ACL_MODEL_RI_CAPTURE_MODE_RELAXED = 0, 1, 2
+
+
+@code
+def ri_capture_begin(stream: int, mode: int = ACL_MODEL_RI_CAPTURE_MODE_GLOBAL) -> None:
+    RUNTIME.call(Op.GRAPH_CAPTURE_BEGIN, stream, stream=stream, mode=mode)
+
+
+@value(0)
+def ri_capture_end(stream: int) -> int:
+    handle = COMMANDS[Op.GRAPH_CAPTURE_END].reply.parse(RUNTIME.call(Op.GRAPH_CAPTURE_END, stream, stream=stream))
+    RUNTIME.adopt(handle.handle, stream)
+    return handle.handle
+
+
+@code
+def ri_execute_async(model_ri: int, stream: int) -> None:
+    RUNTIME.submit(Op.GRAPH_LAUNCH, model_ri, graph=model_ri, stream=stream)
+
+
+@code
+def ri_destroy(model_ri: int) -> None:
+    RUNTIME.destroy(Op.GRAPH_DESTROY, model_ri)

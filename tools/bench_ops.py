@@ -1,0 +1,123 @@
+"""`vdevctl bench ops`: operator launch cost through the daemon vs direct mode, eager vs graph replay.
+
+The device is an emulated 910B2 in timing mode with no clock (time_scale 0), so the chip never holds a launch
+back: every figure is the software path. Each launch is a small Add (float16[16]) on one stream.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from interposer.runtime import Runtime
+from interposer.wire import COMMANDS, Op
+from tools import launch
+
+CONFIG = """
+[daemon]
+time_scale = 0
+
+[[physical]]
+name = "npu0"
+chip = "910B2"
+mode = "timing"
+
+[[virtual]]
+name = "davinci0"
+physical = "npu0"
+"""
+
+ACL_FLOAT16, ACL_FORMAT_ND = 1, 2
+GRAPH_OPS = 300
+
+
+def _figures(runtime: Runtime, launches: int, replays: int) -> dict:
+    runtime.set_device(0)
+    try:
+        stream = runtime.create(Op.STREAM_CREATE, priority=0, flag=0)
+        x = runtime.malloc(64, 0)
+        operand = (ACL_FLOAT16, ACL_FORMAT_ND, (16,), x)
+
+        def add():
+            runtime.launch("Add", [operand, operand], [operand], {}, stream)
+
+        def sync():
+            runtime.call(Op.STREAM_SYNC, stream, handle=stream)
+
+        add()
+        sync()  # the template is sent once, before timing
+        issue, total = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(launches):
+                add()
+            t_issued = time.perf_counter()
+            sync()
+            issue.append((t_issued - t) / launches * 1e6)
+            total.append(time.perf_counter() - t)
+
+        runtime.call(Op.GRAPH_CAPTURE_BEGIN, stream, stream=stream, mode=0)
+        for _ in range(GRAPH_OPS):
+            add()
+        reply = runtime.call(Op.GRAPH_CAPTURE_END, stream, stream=stream)
+        graph = COMMANDS[Op.GRAPH_CAPTURE_END].reply.parse(reply).handle
+        runtime.adopt(graph, stream)
+        client = runtime.client(stream)
+        before = client.records_sent
+        runtime.submit(Op.GRAPH_LAUNCH, graph, graph=graph, stream=stream)
+        records_per_replay = client.records_sent - before
+        sync()
+        t = time.perf_counter()
+        for _ in range(replays):
+            runtime.submit(Op.GRAPH_LAUNCH, graph, graph=graph, stream=stream)
+        sync()
+        replay_s = (time.perf_counter() - t) / replays
+        return {
+            "eager_issue_us_per_launch": statistics.median(issue),
+            "eager_launches_per_s": launches / statistics.median(total),
+            "eager_us_per_launch": statistics.median(total) / launches * 1e6,
+            "graph_ops": GRAPH_OPS,
+            "graph_records_per_replay": records_per_replay,
+            "graph_replay_us": replay_s * 1e6,
+            "graph_us_per_op": replay_s / GRAPH_OPS * 1e6,
+            "graph_ops_per_s": GRAPH_OPS / replay_s,
+        }
+    finally:
+        runtime.reset_device(0, force=True)
+
+
+def run(quick: bool = False) -> dict:
+    launches, replays = (2000, 10) if quick else (20000, 50)
+    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
+        config = Path(tmp) / "bench.toml"
+        config.write_text(CONFIG)
+        with launch.daemon(Path(tmp) / "dev", config):
+            daemon = _figures(Runtime(devices=[str(Path(tmp) / "dev" / "davinci0")]), launches, replays)
+        direct = _figures(Runtime(direct=True, devices=["davinci0"], config=str(config)), launches, replays)
+    overhead = daemon["eager_us_per_launch"] - direct["eager_us_per_launch"]
+    return {
+        "daemon": daemon,
+        "direct": direct,
+        "daemon_overhead_us_per_launch": overhead,
+        "targets": {"eager_launches_per_s": ">= 30000 through the daemon", "graph_records_per_replay": "1"},
+    }
+
+
+def render(r: dict) -> str:
+    d, x = r["daemon"], r["direct"]
+    rows = [
+        ("what", "daemon", "direct", "target"),
+        ("eager: client issue (us/launch)", f"{d['eager_issue_us_per_launch']:.2f}", f"{x['eager_issue_us_per_launch']:.2f}", ""),
+        ("eager: launch to completion (us/launch)", f"{d['eager_us_per_launch']:.2f}", f"{x['eager_us_per_launch']:.2f}", ""),
+        ("eager: launches/s", f"{d['eager_launches_per_s']:,.0f}", f"{x['eager_launches_per_s']:,.0f}", ">= 30,000"),
+        (f"graph of {d['graph_ops']} ops: records per replay", str(d["graph_records_per_replay"]), str(x["graph_records_per_replay"]), "1"),
+        ("graph: replay (us)", f"{d['graph_replay_us']:.0f}", f"{x['graph_replay_us']:.0f}", ""),
+        ("graph: ops/s", f"{d['graph_ops_per_s']:,.0f}", f"{x['graph_ops_per_s']:,.0f}", ""),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"daemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us")
+    return "\n".join(lines)
