@@ -14,6 +14,7 @@ from pathlib import Path
 from interposer.runtime import Runtime
 from interposer.wire import COMMANDS, Op
 from tools import launch
+from tools.tables import plain
 
 CONFIG = """
 [daemon]
@@ -107,17 +108,19 @@ def run(quick: bool = False) -> dict:
 
 def render(r: dict) -> str:
     d, x = r["daemon"], r["direct"]
-    rows = [
-        ("what", "daemon", "direct", "target"),
-        ("eager: client issue (us/launch)", f"{d['eager_issue_us_per_launch']:.2f}", f"{x['eager_issue_us_per_launch']:.2f}", ""),
-        ("eager: launch to completion (us/launch)", f"{d['eager_us_per_launch']:.2f}", f"{x['eager_us_per_launch']:.2f}", ""),
-        ("eager: launches/s", f"{d['eager_launches_per_s']:,.0f}", f"{x['eager_launches_per_s']:,.0f}", ">= 30,000"),
-        (f"graph of {d['graph_ops']} ops: records per replay", str(d["graph_records_per_replay"]), str(x["graph_records_per_replay"]), "1"),
-        ("graph: replay (us)", f"{d['graph_replay_us']:.0f}", f"{x['graph_replay_us']:.0f}", ""),
-        ("graph: ops/s", f"{d['graph_ops_per_s']:,.0f}", f"{x['graph_ops_per_s']:,.0f}", ""),
-    ]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"daemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us")
-    return "\n".join(lines)
+
+    def row(label: str, key: str, fmt: str, target: str = "") -> tuple[str, ...]:
+        return (label, format(d[key], fmt), format(x[key], fmt), target)
+
+    table = plain(
+        [
+            ("what", "daemon", "direct", "target"),
+            row("eager: client issue (us/launch)", "eager_issue_us_per_launch", ".2f"),
+            row("eager: launch to completion (us/launch)", "eager_us_per_launch", ".2f"),
+            row("eager: launches/s", "eager_launches_per_s", ",.0f", ">= 30,000"),
+            row(f"graph of {d['graph_ops']} ops: records per replay", "graph_records_per_replay", "d", "1"),
+            row("graph: replay (us)", "graph_replay_us", ".0f"),
+            row("graph: ops/s", "graph_ops_per_s", ",.0f"),
+        ]
+    )
+    return table + f"\ndaemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us"

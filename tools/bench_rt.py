@@ -23,6 +23,7 @@ from interposer.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
 from interposer.translate import Translator
 from interposer.wire import COMMANDS, Op
 from tools import launch
+from tools.tables import plain
 from vdevfs import config as configuration
 
 CONFIG = """
@@ -286,9 +287,7 @@ def render(r: dict) -> str:
             ">= 1.0",
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [plain(rows)]
     lines.append("* bare echo: 64 MiB written then read back, bytes both ways per second")
     lines.append(
         f"daemon RSS, timing mode: {rss['daemon_rss_before_MiB']:.0f} MiB before, "

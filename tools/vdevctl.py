@@ -12,6 +12,7 @@ import click
 
 import interposer.shim
 from interposer import logs
+from tools.tables import boxed
 
 DEFAULT_MOUNT = "/dev/flexnpu"
 SHIM_PATH = str(Path(interposer.shim.__file__).parent)
@@ -72,9 +73,9 @@ def render(status: dict) -> str:
                     human(s["memory_used"]),
                 )
             )
-    out = [_table(rows)]
+    out = [boxed(rows)]
     out.append(
-        _table(
+        boxed(
             [("Physical", "Chip", "Mode", "Policy", "Memory used / total", "Running", "Queued")]
             + [
                 (
@@ -91,24 +92,12 @@ def render(status: dict) -> str:
         )
     )
     if details:
-        out.append(_table([("NPU", "Session", "PID", "Phase", "Streams", "Events", "Queued", "Memory")] + details))
+        out.append(boxed([("NPU", "Session", "PID", "Phase", "Streams", "Events", "Queued", "Memory")] + details))
     else:
         out.append("No sessions.")
     daemon = status["daemon"]
     out.append(f"daemon pid {daemon['pid']}, mounted at {daemon['mountpoint']}, config: {daemon['config']}")
     return "\n\n".join(out)
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    lines = [rule]
-    for i, row in enumerate(rows):
-        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append(rule.replace("-", "="))
-    lines.append(rule)
-    return "\n".join(lines)
 
 
 def device_names(spec: str) -> list[str]:
