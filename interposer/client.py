@@ -26,6 +26,7 @@ from npu.errors import AclError, FlexNPUError, InvalidParam, ProtocolError
 FLUSH_RECORDS = 4096  # send a batch early once it is this long ...
 FLUSH_BYTES = 8 << 20  # ... or this big, so a long async burst never holds unbounded memory
 FIRST_READ = 64 << 10
+SMALL_FRAME = 64 << 10
 IOV_MAX = 1024
 
 
@@ -54,8 +55,9 @@ class FileTransport:
     def send(self, frame: Parts) -> None:
         total = sum(len(p) for p in frame)
         try:
-            written = os.writev(self.fd, frame) if len(frame) <= IOV_MAX else 0
-            if written < total:  # FUSE takes a write whole or not at all; this is for the unexpected
+            # Small frames are joined (cheap) and written from one buffer; big ones go out as they are.
+            written = os.writev(self.fd, frame) if total > SMALL_FRAME and len(frame) <= IOV_MAX else 0
+            if written < total:  # FUSE takes a write whole or not at all; a partial write is unexpected
                 os.write(self.fd, b"".join(frame)[written:])
         except OSError as exc:
             if exc.errno == errno.EINVAL:
