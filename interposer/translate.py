@@ -35,6 +35,7 @@ DAEMON_VERSION = "flexnpu 0.1.0"
 PHASES = {0: Phase.UNKNOWN, 1: Phase.PREFILL, 2: Phase.DECODE}
 MALLOC_POLICIES = range(6)  # ACL_MEM_MALLOC_HUGE_FIRST .. ACL_MEM_MALLOC_NORMAL_ONLY_P2P
 ACL_HBM_MEM = 1
+PLAIN_FORMATS = {-1, 0, 1, 2}  # UNDEFINED, NCHW, NHWC, ND: row-major as described
 
 _session_ids = itertools.count(1)
 
@@ -546,6 +547,12 @@ def _spec(op: str, which: str, description) -> TensorSpec:
     dims = tuple(description.dims)
     if any(d < 0 for d in dims):
         raise InvalidParam(f"{op} {which}: dims {list(dims)} must be >= 0")
+    if description.format not in PLAIN_FORMATS:
+        raise NotSupported(
+            f"{op} {which}: aclFormat {description.format} is a blocked layout the emulated op library does not "
+            f"implement; describe the tensor as ACL_FORMAT_ND (2)",
+            AclError.FEATURE_UNSUPPORTED,
+        )
     return TensorSpec(dtypes.from_acl(description.dtype, f"{op} {which}"), dims)
 
 

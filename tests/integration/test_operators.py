@@ -136,3 +136,13 @@ def test_capture_misuse_is_refused(runtime):
     runtime.submit(Op.EVENT_RECORD, event, event=event, stream=stream)
     runtime.call(Op.GRAPH_CAPTURE_END, stream, stream=stream)
     expect(AclError.API_NOT_SUPPORT, "record_event on a stream being captured", runtime.call, Op.DEVICE_SYNC)
+
+
+def test_blocked_formats_are_refused_naming_the_operand(runtime):
+    stream = runtime.create(Op.STREAM_CREATE, priority=0, flag=0)
+    dtype, _, dims, ptr = operand(runtime, FP16, (16, 16), 2)
+    nz = (dtype, 29, dims, ptr)  # ACL_FORMAT_FRACTAL_NZ
+    runtime.launch("Add", [nz, nz], [nz], {}, stream)
+    expect(
+        AclError.FEATURE_UNSUPPORTED, "Add input 0: aclFormat 29", runtime.call, Op.STREAM_SYNC, stream, handle=stream
+    )
