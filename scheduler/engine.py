@@ -39,6 +39,7 @@ class Engine:
         self.running: list[TaskEntry] = []
         self._arrivals = itertools.count()
         self._stale = False  # the running set changed since rates were computed
+        self._due = 0.0  # the earliest completion at the current rates (valid while not stale)
 
     # -- what the translator calls -------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class Engine:
             return None
         if self._stale:
             self._rerate()
-        return self.t + min(e.remaining / e.rate for e in self.running)
+        return self._due
 
     def _progress(self, t: float) -> None:
         if self._stale:
@@ -95,7 +96,7 @@ class Engine:
         finished = []
         for entry in self.running:
             entry.remaining -= entry.rate * dt
-            if entry.remaining <= _EPS * max(1.0, entry.rate):
+            if entry.due <= t or entry.remaining <= _EPS * max(1.0, entry.rate):
                 finished.append(entry)
         for entry in finished:
             self.running.remove(entry)
@@ -167,3 +168,5 @@ class Engine:
             rates = self.npu.rates([(entry.task, entry.cores) for entry in self.running])
             for entry, rate in zip(self.running, rates, strict=True):
                 entry.rate = rate
+                entry.due = self.t + entry.remaining / rate  # unchanged by progress until the next rerate
+            self._due = min(entry.due for entry in self.running)

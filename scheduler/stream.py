@@ -66,6 +66,7 @@ class TaskEntry(Entry):
     cores: int = 0
     remaining: float = 1.0  # fraction of the task's work still to do
     rate: float = 0.0  # fraction per modeled second, at the current sharing
+    due: float = 0.0  # modeled time it completes at the current rate
     started_at: float = 0.0
 
 
