@@ -93,10 +93,25 @@ class PromptFlashAttention(Attention):
 
     name = "PromptFlashAttention"
     inputs = (3, 4)
+    MASK_TYPES = (np.dtype(np.bool_), np.dtype(np.int8), np.dtype(np.uint8))
+
+    def infer(self, ins, attrs, outs):
+        n, _, _, b, s, s_kv, _ = self._shapes(ins, attrs)
+        if len(ins) == 4:
+            mask, full = ins[3], (b, n, s, s_kv)
+            try:
+                fits = tuple(np.broadcast_shapes(mask.shape, full)) == full
+            except ValueError:
+                fits = False
+            if not fits or mask.dtype not in self.MASK_TYPES:
+                raise operand_error(
+                    self.name, "atten_mask", f"is {mask}; it must be bool/int8/uint8 broadcastable to {list(full)}"
+                )
+        return [ins[0]]
 
     def _band(self, s: int, s_kv: int, attrs) -> np.ndarray | None:
         pre, nxt = int(attrs.get("pre_tokens", UNBOUNDED)), int(attrs.get("next_tokens", UNBOUNDED))
-        if pre >= s_kv and nxt >= s_kv:
+        if pre >= s - 1 and nxt >= s_kv - 1:  # j - i spans -(s-1) .. s_kv-1: the band hides nothing
             return None
         offset = np.arange(s_kv)[None, :] - np.arange(s)[:, None]
         return (offset > nxt) | (offset < -pre)
@@ -145,10 +160,15 @@ class IncreFlashAttention(Attention):
     def compute(self, ins, attrs):
         q, k, v = ins
         layout = str(attrs.get("input_layout", "BSH"))
-        s_kv = k.shape[1] if layout == "BSH" else k.shape[2]
-        lengths = np.array(self._lengths(q.shape[0], s_kv, attrs))
-        mask = (np.arange(s_kv)[None, :] >= lengths[:, None])[:, None, None, :]  # [B, 1, 1, S_kv]
-        return self._attend(q, k, v, attrs, mask)
+        seq_axis = 1 if layout == "BSH" else 2
+        lengths = self._lengths(q.shape[0], k.shape[seq_axis], attrs)
+        # Each request reads only its own tokens: whatever lies past its length in the cache is never touched.
+        rows = [
+            self._attend(q[i : i + 1], k[i : i + 1].take(range(n), seq_axis), v[i : i + 1].take(range(n), seq_axis),
+                         attrs, None)[0]
+            for i, n in enumerate(lengths)
+        ]  # fmt: skip
+        return [np.concatenate(rows, axis=0)]
 
     def cost(self, ins, outs, attrs):
         n, n_kv, _, b, _, s_kv, d = self._shapes(ins, attrs)
@@ -162,6 +182,18 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-b, a], axis=-1)
 
 
+def _check_rotary(op: str, x: TensorSpec, x_name: str, tables: list[tuple[str, TensorSpec]]) -> None:
+    if x.shape[-1] % 2:
+        raise operand_error(op, x_name, f"last dim {x.shape[-1]} is odd; rotary needs pairs")
+    for name, r in tables:
+        try:
+            fits = tuple(np.broadcast_shapes(x.shape, r.shape)) == x.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise operand_error(op, name, f"shape {list(r.shape)} does not broadcast to {x_name} {list(x.shape)}")
+
+
 @register
 class RotaryMul(Op):
     """x * r1 + rotate_half(x) * r2 (r1 = cos, r2 = sin, broadcast to x)."""
@@ -170,17 +202,9 @@ class RotaryMul(Op):
     inputs = (3, 3)
 
     def infer(self, ins, attrs, outs):
-        x = ins[0]
         same_dtype(self.name, ins, ("x", "r1", "r2"))
-        if x.shape[-1] % 2:
-            raise operand_error(self.name, "x", f"last dim {x.shape[-1]} is odd; rotary needs pairs")
-        for name, r in (("r1", ins[1]), ("r2", ins[2])):
-            try:
-                if tuple(np.broadcast_shapes(x.shape, r.shape)) != x.shape:
-                    raise ValueError
-            except ValueError:
-                raise operand_error(self.name, name, f"shape {list(r.shape)} does not broadcast to x") from None
-        return [x]
+        _check_rotary(self.name, ins[0], "x", [("r1", ins[1]), ("r2", ins[2])])
+        return [ins[0]]
 
     def compute(self, ins, attrs):
         x, cos, sin = (widen(a) for a in ins)
@@ -196,8 +220,9 @@ class ApplyRotaryPosEmb(Op):
 
     def infer(self, ins, attrs, outs):
         q, k, cos, sin = ins
-        RotaryMul().infer([q, cos, sin], attrs, outs)
-        RotaryMul().infer([k, cos, sin], attrs, outs)
+        same_dtype(self.name, ins, ("query", "key", "cos", "sin"))
+        for name, x in (("query", q), ("key", k)):
+            _check_rotary(self.name, x, name, [("cos", cos), ("sin", sin)])
         return [q, k]
 
     def compute(self, ins, attrs):

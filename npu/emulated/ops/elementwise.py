@@ -11,9 +11,12 @@ from npu.emulated.ops.base import Op, TensorSpec, axis, broadcast, operand_error
 class Binary(Op):
     inputs = (2, 2)
     fn = staticmethod(np.add)
+    takes_bool = True  # Add and Mul are logical or / and on bools; Sub and Div have no bool meaning
 
     def infer(self, ins, attrs, outs):
         dtype = same_dtype(self.name, ins, ("x1", "x2"))
+        if dtype == np.bool_ and not self.takes_bool:
+            raise operand_error(self.name, "x1", "bool has no meaning here; cast to a number first")
         return [TensorSpec(dtype, broadcast(self.name, ins[0], ins[1]))]
 
     def compute(self, ins, attrs):
@@ -32,6 +35,7 @@ class Add(Binary):
 class Sub(Binary):
     name = "Sub"
     fn = staticmethod(np.subtract)
+    takes_bool = False
 
 
 @register
@@ -46,12 +50,14 @@ class Div(Binary):
 
     name = "Div"
     aliases = ("RealDiv",)
+    takes_bool = False
 
     def compute(self, ins, attrs):
-        a, b = ins
+        a, b = np.broadcast_arrays(*ins)
         if np.issubdtype(a.dtype, np.integer):
             safe = np.where(b == 0, 1, b)
-            return [np.where(b == 0, 0, np.trunc(a / safe))]
+            quotient = np.abs(a) // np.abs(safe)  # exact in integers (float64 would lose int64 above 2**53)
+            return [np.where(b == 0, 0, np.where((a < 0) != (safe < 0), -quotient, quotient))]
         return [widen(a) / widen(b)]
 
 

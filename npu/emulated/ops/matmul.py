@@ -21,8 +21,9 @@ class MatMulV2(Op):
 
     def _dims(self, ins, attrs):
         a, b = ins[0].shape, ins[1].shape
-        if len(a) < 2 or len(b) < 2:
-            raise operand_error(self.name, "x1" if len(a) < 2 else "x2", "needs rank >= 2")
+        for name, shape in (("x1", a), ("x2", b)):
+            if len(shape) < 2:
+                raise operand_error(self.name, name, f"shape {list(shape)} needs rank >= 2")
         ta, tb = (bool(attrs.get(f, False)) for f in self.flags)
         m, k = (a[-1], a[-2]) if ta else (a[-2], a[-1])
         k2, n = (b[-1], b[-2]) if tb else (b[-2], b[-1])
@@ -31,8 +32,11 @@ class MatMulV2(Op):
         return m, k, n
 
     def _batch(self, ins) -> tuple[int, ...]:
-        if len(ins[0].shape) != 2 or len(ins[1].shape) != 2:
-            raise operand_error(self.name, "x1", "MatMul takes 2-D operands; use BatchMatMulV2 for batches")
+        for name, spec in zip(("x1", "x2"), ins, strict=False):
+            if len(spec.shape) != 2:
+                raise operand_error(
+                    self.name, name, f"shape {list(spec.shape)} is not 2-D; use BatchMatMulV2 for batches"
+                )
         return ()
 
     def infer(self, ins, attrs, outs):

@@ -9,10 +9,10 @@ from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_
 F32 = np.dtype(np.float32)
 
 
-def _params_tail(op: str, x: TensorSpec, gamma: TensorSpec, name: str = "gamma") -> int:
+def _params_tail(op: str, x: TensorSpec, gamma: TensorSpec) -> int:
     k = len(gamma.shape)
     if k == 0 or k > len(x.shape) or x.shape[-k:] != gamma.shape:
-        raise operand_error(op, name, f"shape {list(gamma.shape)} is not a trailing part of x's {list(x.shape)}")
+        raise operand_error(op, "gamma", f"shape {list(gamma.shape)} is not a trailing part of x's {list(x.shape)}")
     return k
 
 
@@ -72,19 +72,23 @@ class LayerNorm(Op):
     name = "LayerNorm"
     inputs = (3, 3)
 
-    def _axes(self, x: TensorSpec, attrs) -> int:
+    def _axes(self, x: TensorSpec, attrs, key: str = "begin_norm_axis") -> int:
         rank = len(x.shape)
-        begin = int(attrs.get("begin_norm_axis", -1))
+        begin = int(attrs.get(key, -1))
         if not -rank <= begin < rank:
-            raise operand_error(self.name, "attr begin_norm_axis", f"{begin} is out of range for rank {rank}")
+            raise operand_error(self.name, f"attr {key}", f"{begin} is out of range for rank {rank}")
         return begin % rank
 
     def infer(self, ins, attrs, outs):
         x, gamma, beta = ins
         same_dtype(self.name, ins, ("x", "gamma", "beta"))
         begin = self._axes(x, attrs)
-        _params_tail(self.name, x, gamma)
-        _params_tail(self.name, x, beta, "beta")
+        params = x.shape[self._axes(x, attrs, "begin_params_axis") :]
+        for name, spec in (("gamma", gamma), ("beta", beta)):
+            if spec.shape != params:
+                raise operand_error(
+                    self.name, name, f"shape {list(spec.shape)} is not x's shape from begin_params_axis, {list(params)}"
+                )
         stat = TensorSpec(F32, x.shape[:begin] + (1,) * (len(x.shape) - begin))
         return [x, stat, stat]
 

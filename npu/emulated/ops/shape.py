@@ -45,7 +45,7 @@ class GatherV2(Op):
         a = int(attrs.get("axis", 0))
         _scalar_input(self.name, ins, 2, a, "axis")
         x, indices = ins[0], ins[1]
-        if indices.size and (indices.min() < -x.shape[a] or indices.max() >= x.shape[a]):
+        if indices.size and (indices.min() < 0 or indices.max() >= x.shape[a]):
             raise InvalidParam(f"{self.name} indices: values outside [0, {x.shape[a]}) on axis {a}")
         return [np.take(x, indices, axis=a)]
 
