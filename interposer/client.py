@@ -34,7 +34,7 @@ class Transport(Protocol):
     def send(self, frame: Parts) -> None:
         """A frame of asynchronous records only: no reply."""
 
-    def call(self, frame: Parts) -> memoryview:
+    def call(self, frame: Parts | bytes) -> memoryview:
         """A frame ending in a synchronous record: returns the reply frame's body."""
 
     def close(self) -> None: ...
@@ -52,13 +52,14 @@ class FileTransport:
             ) from None
         self._body = bytearray()
 
-    def send(self, frame: Parts) -> None:
-        total = sum(len(p) for p in frame)
+    def send(self, frame: Parts | bytes) -> None:
         try:
-            # Small frames are joined (cheap) and written from one buffer; big ones go out as they are.
-            written = os.writev(self.fd, frame) if total > SMALL_FRAME and len(frame) <= IOV_MAX else 0
-            if written < total:  # FUSE takes a write whole or not at all; a partial write is unexpected
-                os.write(self.fd, b"".join(frame)[written:])
+            if isinstance(frame, bytes):
+                os.write(self.fd, frame)  # FUSE takes a write whole or fails it
+            elif sum(len(p) for p in frame) <= SMALL_FRAME or len(frame) > IOV_MAX:
+                os.write(self.fd, b"".join(frame))  # small: joining costs less than a scattered write
+            else:
+                os.writev(self.fd, frame)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise self._refusal() from None
@@ -72,7 +73,7 @@ class FileTransport:
         except (OSError, IndexError, ValueError, struct.error):
             return FlexNPUError(f"{self.path}: daemon refused a frame (EINVAL)", AclError.INVALID_PARAM)
 
-    def call(self, frame: Parts) -> memoryview:
+    def call(self, frame: Parts | bytes) -> memoryview:
         """Send, then read the reply: headers first (small reads are cheap), then the body straight into one
         buffer, since a read of N bytes costs the kernel N bytes of pinned pages whatever comes back."""
         self.send(frame)
@@ -110,16 +111,19 @@ class DirectTransport:
     def __init__(self, translator: Translator) -> None:
         self.translator = translator
         self._frames = FrameBuffer()
+        self._replies = FrameBuffer()
 
     def send(self, frame: Parts) -> None:
         self.call(frame)
 
-    def call(self, frame: Parts) -> Body:
+    def call(self, frame: Parts | bytes) -> memoryview | Body:
         reply: Parts = []
-        for part in frame:
+        for part in [frame] if isinstance(frame, bytes) else frame:
             for count, body in self._frames.feed(part):
                 reply = answer_sync(self.translator, wire.decode_records(count, body)) or []
-        return Body([memoryview(p) for p in reply[1:]])  # the reply's parts, less the frame header; no copy
+        # The reply is reassembled as the FUSE client would, without copying its parts.
+        bodies = [body for part in reply for _, body in self._replies.feed(part)]
+        return bodies[0] if bodies else memoryview(b"")
 
     def close(self) -> None:
         self.translator.close()
@@ -165,9 +169,14 @@ class Client:
         the returned payload is then empty. Payloads are only valid until the next call on this client.
         """
         with self._lock:
-            seq = self._queue(op, data, args)
-            frame = wire.frame(self._batch, self._batch_records)
-            self._clear()
+            if self._batch_records or data:
+                seq = self._queue(op, data, args)
+                frame: Parts | bytes = wire.frame(self._batch, self._batch_records)
+                self._clear()
+            else:  # nothing batched: the whole frame in one pack
+                seq = self._seq + 1
+                frame = COMMANDS[op].solo_frame(seq, args)
+                self._seq = seq
             result = None
             for reply in wire.decode_replies(self.transport.call(frame)):
                 if reply.seq == seq:
