@@ -40,6 +40,8 @@ memory = "64MiB"
 name = "davinci1"
 physical = "npu0"
 memory = "64MiB"
+owner = "1234:4321"
+mode = "0660"
 
 [[virtual]]
 name = "davinci2"

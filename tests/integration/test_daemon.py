@@ -30,6 +30,8 @@ def test_mount_holds_the_nodes_containers_expect(daemon):
     ]
     assert oct(os.stat(daemon.mount / "davinci0").st_mode & 0o777) == "0o666"
     assert oct(os.stat(daemon.mount / "status").st_mode & 0o777) == "0o444"
+    configured = os.stat(daemon.mount / "davinci1")  # owner = "1234:4321", mode = "0660" in the config
+    assert (configured.st_uid, configured.st_gid, configured.st_mode & 0o777) == (1234, 4321, 0o660)
 
 
 def test_ls_shows_every_virtual_npu(daemon):
