@@ -124,6 +124,7 @@ class Translator:
             "phase": self._phase().value,
             "streams": len(streams),
             "queued": sum(len(s.queue) for s in streams),
+            "completed": sum(s.completed for s in streams),
             "events": len(self.handles.values(Kind.EVENT)),
             "memory_used": self.memory,
         }

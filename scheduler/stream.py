@@ -42,7 +42,7 @@ class Stream:
     queue: deque[Entry] = field(default_factory=deque)
     running: TaskEntry | None = None
     failure: AsyncFailure | None = None  # sticky: later tasks on the stream are skipped until it is taken
-    completed: int = 0  # entries completed, for status
+    completed: int = 0  # entries completed, shown per session by vdevctl ls --json
 
     @property
     def idle(self) -> bool:

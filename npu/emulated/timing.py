@@ -26,11 +26,6 @@ from npu.tasks import Cost
 BANDWIDTH_SATURATION = 0.25
 
 
-def duration(profile: ChipProfile, cost: Cost, cores: int) -> float:
-    """Modeled seconds for one task alone on `cores` AI cores."""
-    return 1.0 / rates(profile, [(cost, cores)])[0]
-
-
 def rates(profile: ChipProfile, tasks: list[tuple[Cost, int]]) -> list[float]:
     """Progress per modeled second (1.0 = the whole task) of each of `tasks`, (cost, core cap), run together."""
     if len(tasks) == 1:  # the common case, and launches repeat the same few costs: remember them
