@@ -11,8 +11,9 @@ from collections.abc import Generator
 from typing import Protocol
 
 from interposer import wire
-from interposer.translate import Answer, Wait
+from interposer.translate import Answer, Wait, error_answer
 from interposer.wire import Record
+from npu.errors import FlexNPUError
 
 
 class Handler(Protocol):
@@ -29,8 +30,12 @@ def answer(handler: Handler, records: list[Record]) -> Generator[Wait, None, wir
     for record in records:
         result = handler.execute(record)
         if isinstance(result, Wait):
-            yield result
-            result = result.then()
+            try:
+                yield result
+            except FlexNPUError as exc:  # the wait itself failed (it can never finish): answer with that
+                result = error_answer(exc.code, exc.message)
+            else:
+                result = result.then()
         if result is None:
             continue
         for seq, data in handler.take_deliveries():
@@ -52,8 +57,12 @@ def answer_sync(handler: Handler, records: list[Record]) -> wire.Parts | None:
     try:
         wait = next(steps)
         while True:
-            wait.runner.wait_until(wait.done)
-            wait = steps.send(None)
+            try:
+                wait.runner.wait_until(wait.done)
+            except FlexNPUError as exc:
+                wait = steps.throw(exc)
+            else:
+                wait = steps.send(None)
     except StopIteration as stop:
         return stop.value
 
@@ -63,7 +72,11 @@ async def answer_async(handler: Handler, records: list[Record]) -> wire.Parts | 
     try:
         wait = next(steps)
         while True:
-            await wait.runner.wait_until(wait.done)
-            wait = steps.send(None)
+            try:
+                await wait.runner.wait_until(wait.done)
+            except FlexNPUError as exc:
+                wait = steps.throw(exc)
+            else:
+                wait = steps.send(None)
     except StopIteration as stop:
         return stop.value

@@ -12,11 +12,24 @@ from collections.abc import Callable
 
 import trio
 
+from npu.errors import AclError, FlexNPUError
 from scheduler.clock import RealClock, VirtualClock
 from scheduler.engine import Engine
 from scheduler.stream import Entry
 
 BURST_S = 0.005
+
+
+class Stalled(FlexNPUError):
+    """A synchronisation that can never finish."""
+
+    code = AclError.RT_STREAM_SYNC_TIMEOUT
+
+    def __init__(self) -> None:
+        super().__init__(
+            "synchronisation can never finish: its stream waits on an event that no queued work will record "
+            "(check the order of record_event and stream_wait_event)"
+        )
 
 
 class Runner:
@@ -46,7 +59,7 @@ class SyncRunner(Runner):
             if done():
                 return
             if nxt is None:
-                raise RuntimeError("wait can never finish: nothing is running")
+                raise Stalled()
             wait = self.clock.until(nxt)
             if wait > 0:  # a virtual clock jumps instead; sleep(0) would still yield the CPU
                 time.sleep(wait)
@@ -92,3 +105,7 @@ class TrioRunner(Runner):
         while not done():
             self._kick()
             await self._changed.wait()
+            if not done() and not self.engine.running:
+                # The engine just advanced and nothing runs: what is queued waits on events that no queued
+                # work will record (events belong to one session, and that session is here, waiting).
+                raise Stalled()

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from npu import profiles
 from npu.emulated.device import EmulatedNPU
-from npu.errors import InvalidParam, OutOfMemory
+from npu.errors import AclError, InvalidParam, OutOfMemory
 from npu.memory import ALIGN, DeviceMemory, Region, rounded_size
 from npu.tasks import Cost, DeviceToDevice, DeviceToHost, Fill, HostToDevice
 from scheduler.clock import VirtualClock
 from scheduler.engine import Engine
 from scheduler.policy import make_policy
-from scheduler.runner import SyncRunner
+from scheduler.runner import Stalled, SyncRunner
 from scheduler.stream import Event, FailEntry, RecordEntry, Stream, TaskEntry, WaitEntry
 
 GiB = 1 << 30
@@ -289,8 +289,9 @@ def test_wait_that_can_never_finish_is_reported_not_hung():
     s = rig.stream()
     orphan = Event(recorded=1)  # a record that was never queued anywhere
     rig.submit(WaitEntry(s, 1, event=orphan, generation=1))
-    with pytest.raises(RuntimeError, match="can never finish"):
+    with pytest.raises(Stalled, match="can never finish") as info:
         rig.sync(s)
+    assert info.value.code == AclError.RT_STREAM_SYNC_TIMEOUT
 
 
 # -- failures --------------------------------------------------------------------------------------------

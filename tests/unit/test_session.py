@@ -1,0 +1,61 @@
+"""The transport-independent session core: a wait that fails becomes that record's error reply, in both drivers."""
+
+from __future__ import annotations
+
+from interposer import session, wire
+from interposer.translate import OK, Wait
+from interposer.wire import COMMANDS, FrameBuffer, Op
+from npu.errors import AclError
+from scheduler.runner import Stalled
+
+
+class StalledRunner:
+    def wait_until(self, done):
+        raise Stalled()
+
+
+class AsyncStalledRunner:
+    async def wait_until(self, done):
+        raise Stalled()
+
+
+class Handler:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def execute(self, record):
+        if record.command.op is Op.STREAM_SYNC:
+            return Wait(self.runner, lambda: False, lambda: OK)
+        return OK
+
+    def take_deliveries(self):
+        return []
+
+    def close(self):
+        pass
+
+
+def records():
+    parts = wire.encode_record(COMMANDS[Op.STREAM_SYNC], 1, handle=0) + wire.encode_record(
+        COMMANDS[Op.MEM_INFO], 2, attr=1
+    )
+    return wire.decode_records(2, memoryview(b"".join(parts)))
+
+
+def replies(frame) -> list[wire.Reply]:
+    buffer = FrameBuffer()
+    ((_, body),) = [f for part in frame for f in buffer.feed(part)]
+    return wire.decode_replies(body)
+
+
+def test_a_stalled_wait_answers_its_record_with_the_error_and_the_frame_goes_on():
+    first, second = replies(session.answer_sync(Handler(StalledRunner()), records()))
+    assert (first.seq, first.status) == (1, AclError.RT_STREAM_SYNC_TIMEOUT)
+    assert b"can never finish" in bytes(first.payload)
+    assert (second.seq, second.status) == (2, AclError.SUCCESS)
+
+
+async def test_the_trio_driver_does_the_same():
+    first, second = replies(await session.answer_async(Handler(AsyncStalledRunner()), records()))
+    assert first.status == AclError.RT_STREAM_SYNC_TIMEOUT
+    assert second.status == AclError.SUCCESS
