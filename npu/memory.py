@@ -78,9 +78,16 @@ class DeviceMemory:
                 f"physical device out of memory: {real} bytes requested, "
                 f"{self.capacity - self.used} of {self.capacity} free"
             )
+        # np.zeros maps fresh pages lazily, so untouched numeric memory costs no RSS either; but the host still
+        # refuses one allocation it could never back.
+        try:
+            data = np.zeros(size, dtype=np.uint8) if self.backed else None
+        except MemoryError:
+            raise OutOfMemory(
+                f"numeric mode backs device memory with host memory, and the host cannot back {size} bytes; "
+                'use mode = "timing" for this physical NPU (shapes only, no backing store)'
+            ) from None
         self.used += real
-        # np.zeros maps fresh pages lazily, so untouched numeric memory costs no RSS either.
-        data = np.zeros(size, dtype=np.uint8) if self.backed else None
         return Buffer(real, data)
 
     def free(self, buffer: Buffer) -> None:

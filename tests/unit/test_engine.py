@@ -596,3 +596,11 @@ def test_work_queued_against_a_freed_buffer_reads_zeros_and_writes_nothing():
     rig.sync(s)
     assert [d for _, d in rig.delivered] == [bytes(4096)]
     assert s.failure is None
+
+
+def test_numeric_memory_the_host_cannot_back_is_out_of_memory_not_a_crash():
+    memory = DeviceMemory(1 << 50, backed=True)
+    with pytest.raises(OutOfMemory, match='use mode = "timing"') as info:
+        memory.alloc(1 << 48)  # 256 TiB: no host backs that
+    assert info.value.code == AclError.RT_MEMORY_ALLOCATION
+    assert memory.used == 0
