@@ -96,6 +96,8 @@ class Translator:
             result = self._HANDLERS[op](self, record.seq, record.args, record.data)
         except FlexNPUError as exc:
             return self._refuse(record, exc)
+        except Exception as exc:  # a bug or an input nobody foresaw: this record fails, the daemon goes on
+            return self._refuse(record, self._crashed(record, exc))
         if isinstance(result, Wait):
             return Wait(result.runner, result.done, self._guarded(record, result.then))
         return result
@@ -147,8 +149,17 @@ class Translator:
                 return then()
             except FlexNPUError as exc:
                 return self._refuse(record, exc) or OK
+            except Exception as exc:
+                return self._refuse(record, self._crashed(record, exc)) or OK
 
         return run
+
+    def _crashed(self, record: Record, exc: Exception) -> FlexNPUError:
+        self.log.exception("record_crashed", op=record.command.op.name, seq=record.seq)
+        return FlexNPUError(
+            f"{record.command.op.name} failed inside the daemon ({exc!r}); the daemon log has the traceback",
+            AclError.INTERNAL_ERROR,
+        )
 
     def _phase(self) -> Phase:
         return self.vdev.role if self.vdev.role is not Phase.UNKNOWN else self.phase
@@ -421,6 +432,8 @@ class Translator:
             kernel = InvalidParam(f"operator description (template {args.template}) is malformed: {exc}")
         except FlexNPUError as exc:
             kernel = exc
+        except (TypeError, ValueError) as exc:  # an attribute of the wrong kind, e.g. an int where a list goes
+            kernel = InvalidParam(f"operator description (template {args.template}): an attribute is wrong: {exc}")
         if isinstance(kernel, FlexNPUError):
             self.log.info("operator_refused", seq=seq, template=args.template, error=kernel.message)
         self.templates[args.template] = kernel

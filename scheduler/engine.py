@@ -13,7 +13,7 @@ import itertools
 import structlog
 
 from npu.device import PhysicalNPU
-from npu.errors import FlexNPUError
+from npu.errors import AclError, FlexNPUError
 from scheduler.policy import Policy
 from scheduler.stream import (
     AsyncFailure,
@@ -148,7 +148,10 @@ class Engine:
             assert entry.task is not None
             try:
                 entry.task.run()
-            except FlexNPUError as exc:
+            except Exception as exc:  # a failing kernel fails its stream, never the engine (nor the daemon)
+                if not isinstance(exc, FlexNPUError):
+                    log.exception("kernel_crashed", task=entry.task.name, seq=entry.seq)
+                    exc = FlexNPUError(f"{entry.task.name} failed on the device: {exc!r}", AclError.RT_AICORE_EXCEPTION)
                 entry.stream.failure = AsyncFailure(entry.seq, exc)
                 log.info("async_task_failed", task=entry.task.name, seq=entry.seq, error=exc.message)
                 self._complete(entry)

@@ -146,3 +146,11 @@ def test_blocked_formats_are_refused_naming_the_operand(runtime):
     expect(
         AclError.FEATURE_UNSUPPORTED, "Add input 0: aclFormat 29", runtime.call, Op.STREAM_SYNC, stream, handle=stream
     )
+
+
+def test_an_attribute_of_the_wrong_kind_fails_the_launch_and_the_daemon_survives(runtime, daemon):
+    stream = runtime.create(Op.STREAM_CREATE, priority=0, flag=0)
+    x = operand(runtime, FP16, (4, 8), 2)
+    runtime.launch("SoftmaxV2", [x], [x], {"axes": (AttrKind.INT, -1)}, stream)  # axes must be a list
+    expect(AclError.INVALID_PARAM, "an attribute is wrong", runtime.call, Op.STREAM_SYNC, stream, handle=stream)
+    assert daemon.status()["daemon"]["pid"] == daemon.pid

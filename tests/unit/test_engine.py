@@ -604,3 +604,21 @@ def test_numeric_memory_the_host_cannot_back_is_out_of_memory_not_a_crash():
         memory.alloc(1 << 48)  # 256 TiB: no host backs that
     assert info.value.code == AclError.RT_MEMORY_ALLOCATION
     assert memory.used == 0
+
+
+def test_a_kernel_that_crashes_fails_its_stream_with_an_aicore_exception():
+    class Broken:
+        name = "Broken"
+
+        def cost(self):
+            return Cost(hbm_bytes=64)
+
+        def run(self):
+            raise ValueError("operands could not be broadcast")
+
+    rig = Rig("numeric", "910B2")
+    s = rig.stream()
+    rig.task(s, Broken())
+    rig.sync(s)
+    assert s.failure is not None and s.failure.error.code == AclError.RT_AICORE_EXCEPTION
+    assert "Broken failed on the device" in s.failure.error.message
