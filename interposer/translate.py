@@ -13,6 +13,7 @@ import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 from construct import ConstructError
@@ -40,8 +41,7 @@ PLAIN_FORMATS = {-1, 0, 1, 2}  # UNDEFINED, NCHW, NHWC, ND: row-major as describ
 _session_ids = itertools.count(1)
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):  # one per synchronous call: a NamedTuple builds at a third of a frozen dataclass's cost
     status: int = AclError.SUCCESS
     payload: bytes | memoryview = b""
 

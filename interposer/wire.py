@@ -24,6 +24,7 @@ import struct
 from collections import namedtuple
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from construct import (
     Bytes,
@@ -319,16 +320,14 @@ OpDescription = Struct(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):  # NamedTuples, not frozen dataclasses: built per call, at a third of the cost
     command: Command
     seq: int
     args: tuple  # the fixed part, parsed (a namedtuple)
     data: memoryview | Scattered  # bulk data after the fixed part (empty unless command.bulk)
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     seq: int
     status: int
     payload: bytes | memoryview
