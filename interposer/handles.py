@@ -22,6 +22,7 @@ SESSION_BITS = 16
 DEVICE_VA_BASE = 0x1000_0000_0000_0000
 VA_SPAN_PER_VDEV = 1 << 52
 VA_ALIGN = 1 << 16  # also leaves a guard gap after each allocation, so small overruns hit no neighbour
+FREED_REMEMBERED = 4096
 
 
 class Kind(IntEnum):
@@ -95,7 +96,7 @@ class AddressSpace:
         self._next = self._base
         self._starts: list[int] = []
         self._allocs: dict[int, Allocation] = {}
-        self._freed: set[int] = set()
+        self._freed: dict[int, None] = {}  # recently freed starts (insertion-ordered), to name a double free
 
     def map(self, size: int, buffer: Buffer, owner: object) -> Allocation:
         start = self._next
@@ -123,7 +124,9 @@ class AddressSpace:
             raise InvalidParam(f"free(0x{ptr:x}): {self._stranger(ptr, alloc, owner)}")
         del self._allocs[ptr]
         self._starts.remove(ptr)
-        self._freed.add(ptr)
+        self._freed[ptr] = None
+        if len(self._freed) > FREED_REMEMBERED:  # bounded: a long malloc/free loop must not grow the daemon
+            del self._freed[next(iter(self._freed))]
         return alloc
 
     def region(self, ptr: int, count: int, owner: object, what: str) -> Region:
