@@ -58,7 +58,13 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str) -> Non
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
     fs = DeviceFS(topology, info)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
-    pyfuse3.init(fs, str(mountpoint), options)
+    try:
+        pyfuse3.init(fs, str(mountpoint), options)
+    except RuntimeError as exc:  # libfuse reports its failures (no /dev/fuse, not permitted) this way
+        raise MountError(
+            f"{mountpoint}: cannot mount ({exc}); FUSE needs /dev/fuse, the fuse3 package, and root "
+            "(or user_allow_other in /etc/fuse.conf) for allow_other"
+        ) from None
     log.info(
         "mounted",
         mountpoint=str(mountpoint),
