@@ -79,9 +79,9 @@ class FileTransport:
         self.send(frame)
         try:
             first = os.read(self.fd, FIRST_READ)
-            if not first:
-                raise FlexNPUError(f"{self.path}: the daemon sent no reply", AclError.RT_SOCKET_CLOSE)
-            _, length = wire.check_header(first[: wire.FRAME_HEADER_SIZE])
+            if len(first) < wire.FRAME_HEADER_SIZE:
+                raise FlexNPUError(f"{self.path}: the daemon sent no (whole) reply", AclError.RT_SOCKET_CLOSE)
+            _, length = wire.check_header(first)
             if len(first) - wire.FRAME_HEADER_SIZE >= length:
                 return memoryview(first)[wire.FRAME_HEADER_SIZE : wire.FRAME_HEADER_SIZE + length]
             if len(self._body) < length:

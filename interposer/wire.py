@@ -430,7 +430,7 @@ class FrameBuffer:
         while view:
             if self._need is None:
                 if not self._header and len(view) >= FRAME_HEADER_SIZE:
-                    count, length = check_header(view[:FRAME_HEADER_SIZE])
+                    count, length = check_header(view)
                     end = FRAME_HEADER_SIZE + length
                     if len(view) >= end:  # the whole frame is in this piece
                         frames.append((count, view[FRAME_HEADER_SIZE:end]))
@@ -457,9 +457,9 @@ class FrameBuffer:
         return frames
 
 
-def check_header(raw: bytes) -> tuple[int, int]:
-    """Validate a frame header; return the record count and the length of the records that follow it."""
-    magic, version, _, count, length = FrameHeader.codec.unpack(raw)
+def check_header(raw: bytes | memoryview) -> tuple[int, int]:
+    """Validate the frame header `raw` starts with; return the record count and the length of the records."""
+    magic, version, _, count, length = FrameHeader.codec.unpack_from(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): not a FlexNPU client?")
     if version != PROTOCOL_VERSION:
@@ -480,8 +480,10 @@ def decode_records(count: int, body: memoryview | Body) -> list[Record]:
     while offset < end:
         if end - offset < RECORD_HEADER_SIZE:
             raise ProtocolError(f"truncated record header at byte {offset} of a {end}-byte frame")
-        header = body.read(offset, RECORD_HEADER_SIZE) if pieces else body[offset : offset + RECORD_HEADER_SIZE]
-        cmd, seq, length = RecordHeader.codec.unpack(header)
+        if pieces:
+            cmd, seq, length = RecordHeader.codec.unpack(body.read(offset, RECORD_HEADER_SIZE))
+        else:
+            cmd, seq, length = RecordHeader.codec.unpack_from(body, offset)
         offset += RECORD_HEADER_SIZE
         command = BY_CMD.get(cmd)
         if command is None:
@@ -514,8 +516,10 @@ def decode_replies(body: memoryview | Body) -> list[Reply]:
     offset, end = 0, len(body)
     pieces = isinstance(body, Body)
     while offset < end:
-        header = body.read(offset, REPLY_HEADER_SIZE) if pieces else body[offset : offset + REPLY_HEADER_SIZE]
-        seq, status, length = ReplyHeader.codec.unpack(header)
+        if pieces:
+            seq, status, length = ReplyHeader.codec.unpack(body.read(offset, REPLY_HEADER_SIZE))
+        else:
+            seq, status, length = ReplyHeader.codec.unpack_from(body, offset)
         offset += REPLY_HEADER_SIZE
         payload = body.read(offset, length) if pieces else body[offset : offset + length]
         replies.append(Reply(seq, status, payload))
