@@ -226,8 +226,9 @@ class Runtime:
         return handle
 
     def adopt(self, handle: int, like: int) -> None:
-        """Route a handle the daemon created (a captured graph) to the session of handle `like`."""
-        self._owner[handle] = self._owner.get(like, self.current_device()) if like else self.current_device()
+        """Route a handle the daemon created (a captured graph) to the session of handle `like` (0: current)."""
+        device = self._owner.get(like)
+        self._owner[handle] = self.current_device() if device is None else device
 
     def destroy(self, op: Op, handle: int) -> None:
         check(self.client(handle).call(op, handle=handle))

@@ -46,10 +46,10 @@ def answer(handler: Handler, records: list[Record]) -> Generator[Wait, None, wir
     if not replies:
         return None
     reply = wire.frame(parts, replies)
-    return [b"".join(reply)] if len(parts) <= 2 and len(result.payload) <= SMALL_REPLY else reply
+    return [b"".join(reply)] if sum(len(p) for p in reply) <= SMALL_REPLY else reply
 
 
-SMALL_REPLY = 4096  # a reply this small is joined: one buffer to hand over beats three
+SMALL_REPLY = 4096  # a reply frame this small is joined: one buffer to hand over beats several
 
 
 def answer_sync(handler: Handler, records: list[Record]) -> wire.Parts | None:

@@ -59,3 +59,17 @@ async def test_the_trio_driver_does_the_same():
     first, second = replies(await session.answer_async(Handler(AsyncStalledRunner()), records()))
     assert first.status == AclError.RT_STREAM_SYNC_TIMEOUT
     assert second.status == AclError.SUCCESS
+
+
+class AsyncLast(Handler):
+    def execute(self, record):
+        return None if not record.command.sync else OK
+
+
+def test_a_frame_ending_in_an_asynchronous_record_still_gets_its_replies():
+    parts = wire.encode_record(COMMANDS[Op.MEM_INFO], 1, attr=1) + wire.encode_record(
+        COMMANDS[Op.EVENT_RECORD], 2, event=0, stream=0
+    )
+    frame = session.answer_sync(AsyncLast(None), wire.decode_records(2, memoryview(b"".join(parts))))
+    (reply,) = replies(frame)
+    assert (reply.seq, reply.status) == (1, AclError.SUCCESS)
