@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from interposer.handles import AddressSpace
-from npu.device import PhysicalNPU
+from npu.executor import Executor
 from scheduler.runner import Runner
 from scheduler.stream import Phase
 
@@ -13,7 +13,7 @@ from scheduler.stream import Phase
 @dataclass(eq=False)
 class PhysicalUnit:
     name: str
-    npu: PhysicalNPU
+    npu: Executor
     runner: Runner
     policy: str
 

@@ -9,18 +9,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from npu.memory import Region
 
 
+class Unit(StrEnum):
+    """Which engine of the chip runs a task. On 910B-class chips an AI core is one cube core (AIC) paired with
+    two vector cores (AIV); kernels are compiled for one of the kinds (Ascend C: KERNEL_TYPE_AIC_ONLY,
+    AIV_ONLY, MIX_AIC_1_2)."""
+
+    CUBE = "cube"  # cube cores only: matrix multiplies
+    VECTOR = "vector"  # vector cores only: elementwise, norms, rotary, gathers
+    MIX = "mix"  # one cube core and two vector cores per block: fused attention
+    DMA = "dma"  # copy engines (host link, SDMA): copies and fills hold no AI core
+
+
 @dataclass(frozen=True, slots=True)
 class Cost:
-    """What a task asks of the chip: cube FLOPs, HBM bytes moved, host-link bytes moved."""
+    """What a task asks of the chip, as totals, and how it splits into blocks.
 
-    flops: float = 0.0
-    hbm_bytes: float = 0.0
-    link_bytes: float = 0.0
+    A kernel cuts its work into `tiles` equal pieces and launches with a block dimension of at most that many
+    blocks (and at most the cores its stream may use); each block runs ceil(tiles / blocks) tiles on one core,
+    so a shape that does not divide evenly pays for its last, partial wave. `efficiency` is the fraction of a
+    core's peak cube rate its tiles reach (tile shape, pipeline fill), from the op's calibrated cost function.
+    """
+
+    flops: float = 0.0  # cube FLOPs
+    hbm_bytes: float = 0.0  # HBM bytes read plus written
+    link_bytes: float = 0.0  # host-link bytes
+    unit: Unit = Unit.VECTOR
+    tiles: int = 1
+    efficiency: float = 1.0
 
 
 class Task(Protocol):
@@ -38,7 +59,7 @@ class HostToDevice:
     name: str = "memcpy_h2d"
 
     def cost(self) -> Cost:
-        return Cost(hbm_bytes=self.dst.size, link_bytes=self.dst.size)
+        return Cost(hbm_bytes=self.dst.size, link_bytes=self.dst.size, unit=Unit.DMA)
 
     def run(self) -> None:
         self.dst.write(self.data)
@@ -53,7 +74,7 @@ class DeviceToHost:
     name: str = "memcpy_d2h"
 
     def cost(self) -> Cost:
-        return Cost(hbm_bytes=self.src.size, link_bytes=self.src.size)
+        return Cost(hbm_bytes=self.src.size, link_bytes=self.src.size, unit=Unit.DMA)
 
     def run(self) -> None:
         self.deliver(self.src.read())
@@ -66,7 +87,7 @@ class DeviceToDevice:
     name: str = "memcpy_d2d"
 
     def cost(self) -> Cost:
-        return Cost(hbm_bytes=2 * self.dst.size)
+        return Cost(hbm_bytes=2 * self.dst.size, unit=Unit.DMA)
 
     def run(self) -> None:
         src, dst = self.src.view(), self.dst.view()
@@ -81,7 +102,7 @@ class Fill:
     name: str = "memset"
 
     def cost(self) -> Cost:
-        return Cost(hbm_bytes=self.dst.size)
+        return Cost(hbm_bytes=self.dst.size, unit=Unit.DMA)
 
     def run(self) -> None:
         view = self.dst.view()

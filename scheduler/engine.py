@@ -2,7 +2,8 @@
 
 It is a synchronous state machine over modeled time. `advance(now)` replays every event up to `now` at the
 modeled time it happens, so the schedule does not depend on how late a driver calls it; it returns the
-modeled time of the next completion for the driver to wait for. The daemon drives it from a trio task in real
+modeled time of the next event for the driver to wait for. The chip itself is an Executor (npu/executor.py):
+the engine decides what to hand it, and when; the executor decides how long it takes. The daemon drives it from a trio task in real
 time, direct mode and simulations from the calling thread, tests step by step.
 """
 
@@ -12,8 +13,7 @@ import itertools
 
 import structlog
 
-from npu.device import PhysicalNPU
-from npu.errors import AclError, FlexNPUError
+from npu.executor import Executor, Job
 from scheduler.policy import Policy
 from scheduler.stream import (
     AsyncFailure,
@@ -27,32 +27,25 @@ from scheduler.stream import (
 
 log = structlog.get_logger()
 
-_EPS = 1e-12
-
 
 class Engine:
-    def __init__(self, npu: PhysicalNPU, policy: Policy) -> None:
+    def __init__(self, npu: Executor, policy: Policy) -> None:
         self.npu = npu
         self.policy = policy
         self.t = 0.0  # modeled time everything has been processed up to
-        self.streams: set[Stream] = set()
-        self.running: list[TaskEntry] = []
+        self.streams: dict[Stream, None] = {}  # insertion-ordered: dispatch order never depends on hashes
+        self.running: list[TaskEntry] = []  # tasks handed to the chip, in start order
         self._arrivals = itertools.count()
-        self._stale = False  # the running set changed since rates were computed
-        self._due = 0.0  # the earliest completion at the current rates (valid while not stale)
 
     # -- what the translator calls -------------------------------------------------------------------------
 
     def add_stream(self, stream: Stream) -> None:
-        self.streams.add(stream)
+        self.streams[stream] = None
 
     def remove_stream(self, stream: Stream) -> None:
-        """Drop a stream and everything still queued on it (its owner is gone or destroyed it)."""
-        self.streams.discard(stream)
-        if stream.running is not None:
-            self.running.remove(stream.running)
-            stream.running = None
-            self._stale = True
+        """Drop a stream and what is still queued on it (its owner is gone or destroyed it). A task already on
+        the chip runs to its end, as on hardware; its completion is then ignored."""
+        self.streams.pop(stream, None)
         stream.queue.clear()
 
     def submit(self, entry: Entry, now: float) -> None:
@@ -68,41 +61,34 @@ class Engine:
     # -- what a driver calls ------------------------------------------------------------------------------
 
     def advance(self, now: float) -> float | None:
-        """Process everything that happens up to modeled time `now`; return the next completion time."""
+        """Process everything that happens up to modeled time `now`; return the time of the next event."""
+        npu = self.npu
         while True:
             self._dispatch()
-            nxt = self._next_completion()
+            nxt = npu.next_event()
             if nxt is None or nxt > now:
                 break
-            self._progress(nxt)
+            self.t = max(self.t, nxt)
+            for job in npu.advance(self.t):
+                self._finish(job.owner)
         if now > self.t:
-            self._progress(now)
-        return self._next_completion()
+            self.t = now
+            for job in npu.advance(now):  # nothing is due before the next event; this only moves time
+                self._finish(job.owner)
+        return npu.next_event()
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _next_completion(self) -> float | None:
-        if not self.running:
-            return None
-        if self._stale:
-            self._rerate()
-        return self._due
-
-    def _progress(self, t: float) -> None:
-        if self._stale:
-            self._rerate()
-        dt = t - self.t
-        self.t = t
-        finished = []
-        for entry in self.running:
-            entry.remaining -= entry.rate * dt
-            if entry.due <= t or entry.remaining <= _EPS * max(1.0, entry.rate):
-                finished.append(entry)
-        for entry in finished:
-            self.running.remove(entry)
-            entry.stream.running = None
+    def _finish(self, entry: TaskEntry) -> None:
+        self.running.remove(entry)
+        stream = entry.stream
+        stream.running = None
+        if entry.job.failure is not None:
+            exc = entry.job.failure
+            stream.failure = AsyncFailure(entry.seq, exc)
+            log.info("async_task_failed", task=entry.job.task.name, seq=entry.seq, error=exc.message)
+        if stream.queue and stream.queue[0] is entry:  # else the stream was removed while its task ran
             self._complete(entry)
-        self._stale |= bool(finished)
 
     def _complete(self, entry: Entry) -> None:
         stream = entry.stream
@@ -143,33 +129,16 @@ class Engine:
                 return
 
     def _start(self, ready: list[TaskEntry]) -> bool:
-        chosen = self.policy.select(ready, self.running, self.npu.profile.ai_cores)
-        for entry, cores in chosen:
+        profile = self.npu.profile
+        chosen = self.policy.select(ready, self.running, profile)
+        for d in chosen:
+            entry, stream = d.entry, d.entry.stream
             assert entry.task is not None
-            try:
-                entry.task.run()
-            except Exception as exc:  # a failing kernel fails its stream, never the engine (nor the daemon)
-                if not isinstance(exc, FlexNPUError):
-                    log.exception("kernel_crashed", task=entry.task.name, seq=entry.seq)
-                    exc = FlexNPUError(f"{entry.task.name} failed on the device: {exc!r}", AclError.RT_AICORE_EXCEPTION)
-                entry.stream.failure = AsyncFailure(entry.seq, exc)
-                log.info("async_task_failed", task=entry.task.name, seq=entry.seq, error=exc.message)
-                self._complete(entry)
-                continue
-            entry.cores = cores
-            entry.started_at = self.t
-            entry.stream.running = entry
+            # The stream's own limit (set by its client) is a ceiling no policy lifts.
+            cube = min(d.cube, stream.cube_limit or profile.ai_cores)
+            vector = min(d.vector, stream.vector_limit or profile.vector_cores)
+            entry.job = Job(entry.task, cube, vector, owner=entry)
+            stream.running = entry
             self.running.append(entry)
-        self._stale |= bool(chosen)
+            self.npu.start(entry.job, self.t)
         return bool(chosen)
-
-    def _rerate(self) -> None:
-        """Running tasks share the chip: every start or finish changes everyone's rate. Computed lazily, once
-        per change of the running set, just before progress is measured."""
-        self._stale = False
-        if self.running:
-            rates = self.npu.rates([(entry.task, entry.cores) for entry in self.running])
-            for entry, rate in zip(self.running, rates, strict=True):
-                entry.rate = rate
-                entry.due = self.t + entry.remaining / rate  # unchanged by progress until the next rerate
-            self._due = min(entry.due for entry in self.running)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from npu.errors import FlexNPUError
+from npu.executor import Job
 from npu.tasks import Task
 
 
@@ -43,6 +44,10 @@ class Stream:
     running: TaskEntry | None = None
     failure: AsyncFailure | None = None  # sticky: later tasks on the stream are skipped until it is taken
     completed: int = 0  # entries completed, shown per session by vdevctl ls --json
+    # Core limits its client set (aclrtSetStreamResLimit, or the process's aclrtSetDeviceResLimit); None: the
+    # whole chip. A ceiling for every policy.
+    cube_limit: int | None = None
+    vector_limit: int | None = None
 
     @property
     def idle(self) -> bool:
@@ -63,11 +68,7 @@ class Entry:
 @dataclass(eq=False, slots=True)
 class TaskEntry(Entry):
     task: Task | None = None
-    cores: int = 0
-    remaining: float = 1.0  # fraction of the task's work still to do
-    rate: float = 0.0  # fraction per modeled second, at the current sharing
-    due: float = 0.0  # modeled time it completes at the current rate
-    started_at: float = 0.0
+    job: Job | None = None  # once handed to the chip: its core limits, start and finish times
 
 
 @dataclass(eq=False, slots=True)

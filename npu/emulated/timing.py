@@ -1,93 +1,225 @@
-"""The timing model: how fast each running task progresses when tasks share the chip like a fluid.
+"""The block-level timing model of one emulated Ascend chip: which blocks hold which cores, and how fast each runs.
 
-A task alone on k AI cores takes  launch overhead + max(compute, HBM, host link)  where
-  compute = FLOPs / (peak x k / cores),
-  HBM     = bytes / (bandwidth x min(1, k / (cores x BANDWIDTH_SATURATION))),
-  link    = host-link bytes / link bandwidth.
-Tasks running together share it:
-  1. Cores are water-filled (max-min fair) over each task's demand: the cores its policy allows, but no more
-     than help it. A memory-bound task stops gaining once its HBM time is no longer the longer one, so a
-     decode kernel next to a prefill GEMM takes only the few cores that saturate bandwidth and leaves the
-     rest to the GEMM.
-  2. HBM and the host link are shared the same way: each task asks for the byte rate its cores allow; if
-     the asks add up to more than the chip has, the bandwidth is water-filled over them.
-Every rate is recomputed whenever a task starts or finishes, so completion times follow in modeled time.
+As the hardware works:
+- A kernel launches with a block dimension: at most its cost's tile count, the cores of its kind on the chip
+  (persistent kernels launch one block per core), and the core limit its stream was given
+  (`aclrtSetStreamResLimit`, or a policy's decision). Each block runs ceil(tiles / blocks) tiles.
+- A block holds one core (a MIX block: one cube core and two vector cores) from start to finish; cores are
+  not shared. Blocks of jobs already on the chip take cores as they free up, in the order the jobs were
+  started: a kernel that started on fewer cores than its blocks grows as others finish, and a later job of
+  the same core kind waits until earlier ones have placed every block (head-of-line blocking — the reason a
+  phase-aware policy reserves cores with limits instead of dispatching everything at once).
+- A block's time is  launch overhead + max(compute, HBM bytes / its bandwidth, link bytes / its bandwidth),
+  compute = its FLOPs / (one core's peak x the kernel's efficiency). Its bandwidth is what it asks (the byte
+  rate at which its other limits bind, at most the per-core memory path), unless the asks of all running
+  blocks add up to more than the chip's HBM bandwidth: then that is water-filled over them (max-min fair).
+  Copies (Unit.DMA) hold no AI core: they use the copy engines, the host link and HBM.
+
+Blocks of one job that started together finish together: they are one cohort, and the model's events are
+cohort completions — one per job unless it had to grow onto cores freed later — never one per block. Rates are
+recomputed once per change of the running set, lazily.
 """
 
 from __future__ import annotations
 
-import functools
+from collections import deque
+from dataclasses import dataclass
 
+from npu.executor import Job
 from npu.profiles import ChipProfile
-from npu.tasks import Cost
+from npu.tasks import Cost, Unit
 
-# Fraction of the AI cores at which one task saturates HBM bandwidth. A memory-bound kernel on a quarter of
-# a 910B's cores already streams at the chip's bandwidth (decode attention scales no further).
-BANDWIDTH_SATURATION = 0.25
+_EPS = 1e-12
 
-
-def rates(profile: ChipProfile, tasks: list[tuple[Cost, int]]) -> list[float]:
-    """Progress per modeled second (1.0 = the whole task) of each of `tasks`, (cost, core cap), run together."""
-    if len(tasks) == 1:  # the common case, and launches repeat the same few costs: remember them
-        return [_alone(profile, *tasks[0])]
-    return _shared(profile, tasks)
+# Cores one block holds: (cube, vector).
+NEEDS = {Unit.CUBE: (1, 0), Unit.VECTOR: (0, 1), Unit.MIX: (1, 2), Unit.DMA: (0, 0)}
 
 
-@functools.lru_cache(maxsize=4096)
-def _alone(profile: ChipProfile, cost: Cost, cores: int) -> float:
-    return _shared(profile, [(cost, cores)])[0]
+def block_dim(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> int:
+    """How many blocks a kernel launches with (0 for a copy: it holds no core)."""
+    cube, vector = min(profile.ai_cores, cube_limit), min(profile.vector_cores, vector_limit)
+    cap = {Unit.CUBE: cube, Unit.VECTOR: vector, Unit.MIX: min(cube, vector // 2), Unit.DMA: 0}[cost.unit]
+    return 0 if cost.unit is Unit.DMA else max(1, min(cost.tiles, cap))
 
 
-def _shared(profile: ChipProfile, tasks: list[tuple[Cost, int]]) -> list[float]:
-    total = profile.ai_cores
-    cores = water_fill([_useful_cores(profile, cost, cap) for cost, cap in tasks], total)
-    compute = [c.flops / (profile.peak_flops * k / total) for (c, _), k in zip(tasks, cores, strict=True)]
-    hbm_caps = [profile.hbm_bandwidth * min(1.0, k / (total * BANDWIDTH_SATURATION)) for k in cores]
-    link_caps = [profile.host_link_bandwidth] * len(tasks)
-    hbm_bytes = [c.hbm_bytes for c, _ in tasks]
-    link_bytes = [c.link_bytes for c, _ in tasks]
-    # A resource is worth no more to a task than what its other limits (alone, at its cores) leave it.
-    link_floor = [max(t, v / cap) for t, v, cap in zip(compute, link_bytes, link_caps, strict=True)]
-    hbm_floor = [max(t, v / cap) for t, v, cap in zip(compute, hbm_bytes, hbm_caps, strict=True)]
-    hbm = _share(hbm_bytes, hbm_caps, link_floor, profile.hbm_bandwidth)
-    link = _share(link_bytes, link_caps, hbm_floor, profile.host_link_bandwidth)
-    return [
-        1.0 / (profile.launch_overhead_s + max(t, (v / bw if v else 0.0), (lv / lbw if lv else 0.0)))
-        for t, v, bw, lv, lbw in zip(compute, hbm_bytes, hbm, link_bytes, link, strict=True)
-    ]
+@dataclass(eq=False, slots=True)
+class _Run:
+    """A job on the chip, with what one of its blocks must do."""
+
+    job: Job
+    needs: tuple[int, int]
+    pending: int  # blocks not yet on a core
+    cohorts: int  # groups of its blocks on cores now
+    compute_s: float  # per block, at the core's peak times the kernel's efficiency (overhead excluded)
+    hbm: float  # bytes per block
+    link: float  # bytes per block
+    hbm_cap: float  # bytes/s one block's memory path can move
 
 
-def water_fill(demands: list[float], capacity: float) -> list[float]:
-    """Max-min fair shares of `capacity`: nobody gets more than it asks, the rest is split evenly."""
-    shares = [0.0] * len(demands)
-    left, remaining = capacity, sorted(range(len(demands)), key=lambda i: demands[i])
-    while remaining:
-        even = left / len(remaining)
-        i = remaining.pop(0)
-        shares[i] = min(demands[i], even)
-        left -= shares[i]
-    return shares
+@dataclass(eq=False, slots=True)
+class _Cohort:
+    run: _Run
+    n: int  # blocks (one per core held)
+    remaining: float = 1.0  # fraction of one block's work still to do
+    rate: float = 0.0  # fraction per modeled second at the current sharing
+    due: float = 0.0
 
 
-def _useful_cores(profile: ChipProfile, cost: Cost, cap: int) -> float:
-    """Cores beyond which the task runs no faster (at least one)."""
-    total = profile.ai_cores
-    cap = max(1, min(cap, total))
-    if cost.flops and not cost.hbm_bytes:
-        return cap
-    if not cost.hbm_bytes:
-        return 1  # host-link copies and empty launches: cores do not matter
-    # Memory-bound past the saturation point; compute keeps gaining until it is as long as the HBM time.
-    balance = cost.flops * total * profile.hbm_bandwidth / (profile.peak_flops * cost.hbm_bytes)
-    return min(cap, max(1.0, total * BANDWIDTH_SATURATION, balance))
+class BlockTiming:
+    def __init__(self, profile: ChipProfile) -> None:
+        self.profile = profile
+        self.t = 0.0
+        self.free = [profile.ai_cores, profile.vector_cores]
+        self.waiting: deque[_Run] = deque()  # runs with blocks not yet placed, in start order
+        self.cohorts: list[_Cohort] = []
+        self.done: list[Job] = []  # jobs completed at self.t, not yet reported
+        self._stale = False
+        self._due = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.cohorts or self.waiting or self.done)
+
+    def start(self, job: Job, cost: Cost) -> None:
+        p = self.profile
+        blocks = block_dim(p, cost, job.cube_limit, job.vector_limit)
+        job.blocks, job.started_at = blocks, self.t
+        share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0  # the busiest block's share
+        needs = NEEDS[cost.unit]
+        cores = needs[0] + needs[1]
+        run = _Run(
+            job,
+            needs,
+            pending=max(blocks, 1),
+            cohorts=0,
+            compute_s=cost.flops * share / (p.core_flops * cost.efficiency) if cost.flops else 0.0,
+            hbm=cost.hbm_bytes * share,
+            link=cost.link_bytes * share,
+            hbm_cap=p.core_bandwidth * cores if cores else p.hbm_bandwidth,
+        )
+        self.waiting.append(run)
+        self._place()
+
+    def fail(self, job: Job) -> None:
+        """A job that failed before it ran completes at once."""
+        job.started_at = job.finished_at = self.t
+        self.done.append(job)
+
+    def next_event(self) -> float | None:
+        if self.done:
+            return self.t
+        if not self.cohorts:
+            return None
+        if self._stale:
+            self._rerate()
+        return self._due
+
+    def advance(self, t: float) -> list[Job]:
+        if self._stale and self.cohorts:
+            self._rerate()
+        if t > self.t:
+            dt, self.t = t - self.t, t
+            finished = []
+            for c in self.cohorts:
+                c.remaining -= c.rate * dt
+                if c.due <= t or c.remaining <= _EPS:
+                    finished.append(c)
+            for c in finished:
+                self._finish(c)
+            if finished:
+                self._place()
+        done, self.done = self.done, []
+        return done
+
+    def _finish(self, cohort: _Cohort) -> None:
+        self.cohorts.remove(cohort)
+        run = cohort.run
+        self.free[0] += run.needs[0] * cohort.n
+        self.free[1] += run.needs[1] * cohort.n
+        run.cohorts -= 1
+        if not run.pending and not run.cohorts:
+            run.job.finished_at = self.t
+            self.done.append(run.job)
+        self._stale = True
+
+    def _place(self) -> None:
+        """Put waiting blocks on free cores, in start order; a run that cannot place all of its blocks holds
+        back later runs that need the same kind of core."""
+        blocked = [False, False]
+        for run in list(self.waiting):
+            c, v = run.needs
+            if (c and blocked[0]) or (v and blocked[1]):
+                continue
+            n = run.pending
+            if c:
+                n = min(n, self.free[0] // c)
+            if v:
+                n = min(n, self.free[1] // v)
+            if n:
+                self.free[0] -= c * n
+                self.free[1] -= v * n
+                run.pending -= n
+                run.cohorts += 1
+                self.cohorts.append(_Cohort(run, n))
+                self._stale = True
+            if run.pending:
+                blocked[0] |= bool(c)
+                blocked[1] |= bool(v)
+            else:
+                self.waiting.remove(run)
+
+    def _rerate(self) -> None:
+        p = self.profile
+        self._stale = False
+        cohorts = self.cohorts
+        link_bw = _bandwidths(cohorts, [c.run.link for c in cohorts], [p.host_link_bandwidth] * len(cohorts),
+                              [c.run.compute_s for c in cohorts], p.host_link_bandwidth)  # fmt: skip
+        floors = [
+            max(c.run.compute_s, c.run.link / bw if c.run.link else 0.0) for c, bw in zip(cohorts, link_bw, strict=True)
+        ]
+        hbm_bw = _bandwidths(cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors,
+                             p.hbm_bandwidth)  # fmt: skip
+        due = None
+        for c, floor, bw in zip(cohorts, floors, hbm_bw, strict=True):
+            block_s = p.launch_overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0)
+            c.rate = 1.0 / block_s
+            c.due = self.t + c.remaining * block_s  # unchanged by progress until the next rerate
+            due = c.due if due is None else min(due, c.due)
+        self._due = due if due is not None else self.t
 
 
-def _share(volumes: list[float], caps: list[float], floors: list[float], capacity: float) -> list[float]:
-    """Bandwidth per task: each asks for its volume over the time its other limits take (at most its cap);
-    when the asks exceed `capacity` it is water-filled over them. A task that moves nothing keeps its cap."""
+def _bandwidths(
+    cohorts: list[_Cohort], volumes: list[float], caps: list[float], floors: list[float], capacity: float
+) -> list[float]:
+    """Bandwidth per block of each cohort: each block asks for its volume over the time its other limits take
+    (at most its cap); if the asks of all blocks exceed `capacity`, it is water-filled over them."""
     asks = [
         (min(cap, volume / floor) if floor > 0 else cap) if volume else 0.0
         for volume, cap, floor in zip(volumes, caps, floors, strict=True)
     ]
-    granted = asks if sum(asks) <= capacity else water_fill(asks, capacity)
-    return [g if g else cap for g, cap in zip(granted, caps, strict=True)]
+    weights = [c.n for c in cohorts]
+    if sum(a * w for a, w in zip(asks, weights, strict=True)) > capacity:
+        asks = water_fill(asks, weights, capacity)
+    return [a if a else cap for a, cap in zip(asks, caps, strict=True)]
+
+
+def water_fill(demands: list[float], weights: list[int], capacity: float) -> list[float]:
+    """Max-min fair share per unit of `capacity` among groups of `weights` units, each unit asking its group's
+    demand: nobody gets more than it asks, the rest is split evenly."""
+    shares = [0.0] * len(demands)
+    left, units = capacity, sum(weights)
+    for i in sorted(range(len(demands)), key=demands.__getitem__):
+        shares[i] = min(demands[i], left / units)
+        left -= shares[i] * weights[i]
+        units -= weights[i]
+    return shares
+
+
+def alone(profile: ChipProfile, cost: Cost, cube_limit: int | None = None, vector_limit: int | None = None) -> float:
+    """Modeled seconds of one task on an idle chip (what calibration compares with measurements)."""
+    chip = BlockTiming(profile)
+    job = Job(task=None, cube_limit=cube_limit or profile.ai_cores, vector_limit=vector_limit or profile.vector_cores)
+    chip.start(job, cost)
+    while chip.busy:
+        chip.advance(chip.next_event())
+    return job.finished_at
