@@ -35,6 +35,14 @@ _EPS = 1e-12
 NEEDS = {Unit.CUBE: (1, 0), Unit.VECTOR: (0, 1), Unit.MIX: (1, 2), Unit.DMA: (0, 0)}
 
 
+def _path(profile: ChipProfile, unit: Unit) -> float:
+    """Bytes/s one block can move: a cube or mix block has its AI core's whole memory path, a vector block its
+    vector core's part, a copy the copy engines (bounded by the chip)."""
+    if unit is Unit.VECTOR:
+        return profile.vector_core_bandwidth
+    return profile.hbm_bandwidth if unit is Unit.DMA else profile.core_bandwidth
+
+
 def block_dim(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> int:
     """How many blocks a kernel launches with (0 for a copy: it holds no core)."""
     cube, vector = min(profile.ai_cores, cube_limit), min(profile.vector_cores, vector_limit)
@@ -86,7 +94,6 @@ class BlockTiming:
         job.blocks, job.started_at = blocks, self.t
         share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0  # the busiest block's share
         needs = NEEDS[cost.unit]
-        cores = needs[0] + needs[1]
         run = _Run(
             job,
             needs,
@@ -95,7 +102,7 @@ class BlockTiming:
             compute_s=cost.flops * share / (p.core_flops * cost.efficiency) if cost.flops else 0.0,
             hbm=cost.hbm_bytes * share,
             link=cost.link_bytes * share,
-            hbm_cap=p.core_bandwidth * cores if cores else p.hbm_bandwidth,
+            hbm_cap=_path(p, cost.unit),
         )
         self.waiting.append(run)
         self._place()
