@@ -22,6 +22,7 @@ recomputed once per change of the running set, lazily.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,9 +46,21 @@ def _path(profile: ChipProfile, unit: Unit) -> float:
 
 def block_dim(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> int:
     """How many blocks a kernel launches with (0 for a copy: it holds no core)."""
+    unit = cost.unit
+    if unit is Unit.DMA:
+        return 0
     cube, vector = min(profile.ai_cores, cube_limit), min(profile.vector_cores, vector_limit)
-    cap = {Unit.CUBE: cube, Unit.VECTOR: vector, Unit.MIX: min(cube, vector // 2), Unit.DMA: 0}[cost.unit]
-    return 0 if cost.unit is Unit.DMA else max(1, min(cost.tiles, cap))
+    cap = cube if unit is Unit.CUBE else vector if unit is Unit.VECTOR else min(cube, vector // 2)
+    return max(1, min(cost.tiles, cap))
+
+
+@functools.lru_cache(maxsize=4096)
+def _block(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> tuple[int, float, float, float]:
+    """(blocks, compute seconds, HBM bytes, link bytes) of the busiest block; launches repeat the same few."""
+    blocks = block_dim(profile, cost, cube_limit, vector_limit)
+    share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0
+    compute = cost.flops * share / (profile.core_flops * cost.efficiency) if cost.flops else 0.0
+    return blocks, compute, cost.hbm_bytes * share, cost.link_bytes * share
 
 
 @dataclass(eq=False, slots=True)
@@ -89,21 +102,9 @@ class BlockTiming:
         return bool(self.cohorts or self.waiting or self.done)
 
     def start(self, job: Job, cost: Cost) -> None:
-        p = self.profile
-        blocks = block_dim(p, cost, job.cube_limit, job.vector_limit)
+        blocks, compute, hbm, link = _block(self.profile, cost, job.cube_limit, job.vector_limit)
         job.blocks, job.started_at = blocks, self.t
-        share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0  # the busiest block's share
-        needs = NEEDS[cost.unit]
-        run = _Run(
-            job,
-            needs,
-            pending=max(blocks, 1),
-            cohorts=0,
-            compute_s=cost.flops * share / (p.core_flops * cost.efficiency) if cost.flops else 0.0,
-            hbm=cost.hbm_bytes * share,
-            link=cost.link_bytes * share,
-            hbm_cap=_path(p, cost.unit),
-        )
+        run = _Run(job, NEEDS[cost.unit], max(blocks, 1), 0, compute, hbm, link, _path(self.profile, cost.unit))
         self.waiting.append(run)
         self._place()
 
@@ -179,6 +180,14 @@ class BlockTiming:
         p = self.profile
         self._stale = False
         cohorts = self.cohorts
+        if len(cohorts) == 1:  # the common case: no sharing to work out
+            c = cohorts[0]
+            run = c.run
+            link = run.link / p.host_link_bandwidth
+            hbm = run.hbm / min(run.hbm_cap, p.hbm_bandwidth / c.n)
+            self._set_rate(c, p.launch_overhead_s + max(run.compute_s, link, hbm))
+            self._due = c.due
+            return
         link_bw = _bandwidths(cohorts, [c.run.link for c in cohorts], [p.host_link_bandwidth] * len(cohorts),
                               [c.run.compute_s for c in cohorts], p.host_link_bandwidth)  # fmt: skip
         floors = [
@@ -186,13 +195,13 @@ class BlockTiming:
         ]
         hbm_bw = _bandwidths(cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors,
                              p.hbm_bandwidth)  # fmt: skip
-        due = None
         for c, floor, bw in zip(cohorts, floors, hbm_bw, strict=True):
-            block_s = p.launch_overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0)
-            c.rate = 1.0 / block_s
-            c.due = self.t + c.remaining * block_s  # unchanged by progress until the next rerate
-            due = c.due if due is None else min(due, c.due)
-        self._due = due if due is not None else self.t
+            self._set_rate(c, p.launch_overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0))
+        self._due = min(c.due for c in cohorts)
+
+    def _set_rate(self, cohort: _Cohort, block_s: float) -> None:
+        cohort.rate = 1.0 / block_s
+        cohort.due = self.t + cohort.remaining * block_s  # unchanged by progress until the next rerate
 
 
 def _bandwidths(
