@@ -181,11 +181,24 @@ class Translator:
     def _idle(self) -> bool:
         return all(s.idle for s in self._streams())
 
-    def _after_idle(self, then: Callable[[], Answer]) -> Answer | Wait:
-        """Blocking calls run once the session's queued work has finished, as a synchronous copy would."""
-        if self._idle():
-            return then()
-        return Wait(self.runner, self._idle, then)
+    def _blocking(self, seq: int, task: Task, answer: Callable[[], Answer] = lambda: OK) -> Answer | Wait:
+        """A blocking copy or fill is a task on the default stream, after the session's work on every stream
+        (events order it after each busy one, as a legacy default stream waits for the others); the call
+        returns once it completes. A stream already failed reports that failure instead."""
+        stream = self.default_stream
+        for other in self._streams()[1:]:
+            if not other.idle:
+                event = Event(recorded=1)
+                self.runner.submit(RecordEntry(other, seq, event=event, generation=1))
+                self.runner.submit(WaitEntry(stream, seq, event=event, generation=1))
+        entry = TaskEntry(stream, seq, task=task)
+        self.runner.submit(entry)
+
+        def then() -> Answer:
+            ran = entry.job is not None and entry.job.failure is None
+            return answer() if ran else self._report(stream)
+
+        return Wait(self.runner, lambda: stream.idle, then)
 
     def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task]) -> None:
         try:
@@ -222,8 +235,8 @@ class Translator:
         self.vdev.used -= buffer.size
         self.memory -= buffer.size
 
-    def _deliver(self, seq: int) -> Callable[[bytes], None]:
-        return lambda data: self.deliveries.append((seq, data))
+    def _deliver(self, seq: int) -> Callable[[Region], None]:
+        return lambda region: self.deliveries.append((seq, region.read()))
 
     # -- session ------------------------------------------------------------------------------------------
 
@@ -362,23 +375,21 @@ class Translator:
 
     def _memcpy_h2d(self, seq, args, data):
         _check_count(args.count, data)
-        region = self._region(args.dst, args.count, "memcpy dst")
-        return self._after_idle(lambda: (HostToDevice(region, data).run(), OK)[1])
+        return self._blocking(seq, HostToDevice(self._region(args.dst, args.count, "memcpy dst"), data))
 
     def _memcpy_d2h(self, seq, args, data):
         region = self._region(args.src, args.count, "memcpy src")
         # A view, not a copy: the session is blocked until the client has read it, so nothing can change it.
-        return self._after_idle(lambda: Answer(AclError.SUCCESS, region.peek()))
+        return self._blocking(seq, DeviceToHost(region, _ignore), lambda: Answer(AclError.SUCCESS, region.peek()))
 
     def _memcpy_d2d(self, seq, args, data):
         task = DeviceToDevice(
             self._region(args.dst, args.count, "memcpy dst"), self._region(args.src, args.count, "memcpy src")
         )
-        return self._after_idle(lambda: (task.run(), OK)[1])
+        return self._blocking(seq, task)
 
     def _memset(self, seq, args, data):
-        task = Fill(self._region(args.ptr, args.count, "memset ptr"), _byte(args.value))
-        return self._after_idle(lambda: (task.run(), OK)[1])
+        return self._blocking(seq, Fill(self._region(args.ptr, args.count, "memset ptr"), _byte(args.value)))
 
     def _memcpy_h2d_async(self, seq, args, data):
         stream = self._stream(args.stream)
@@ -573,6 +584,10 @@ def _spec(op: str, which: str, description) -> TensorSpec:
 def _check_count(count: int, data: memoryview) -> None:
     if count != len(data):
         raise InvalidParam(f"memcpy count {count} does not match the {len(data)} bytes sent")
+
+
+def _ignore(region: Region) -> None:
+    pass
 
 
 def _byte(value: int) -> int:

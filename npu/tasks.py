@@ -67,17 +67,18 @@ class HostToDevice:
 
 @dataclass(frozen=True, slots=True)
 class DeviceToHost:
-    """The bytes go to `deliver` when the task runs; the transport hands them to the client at its next sync."""
+    """`deliver` gets the source region when the task runs: an asynchronous copy takes its bytes for the
+    client's next sync, a blocking one answers from the region itself (its client waits, nothing changes it)."""
 
     src: Region
-    deliver: Callable[[bytes], None]
+    deliver: Callable[[Region], None]
     name: str = "memcpy_d2h"
 
     def cost(self) -> Cost:
         return Cost(hbm_bytes=self.src.size, link_bytes=self.src.size, unit=Unit.DMA)
 
     def run(self) -> None:
-        self.deliver(self.src.read())
+        self.deliver(self.src)
 
 
 @dataclass(frozen=True, slots=True)

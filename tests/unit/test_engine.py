@@ -86,7 +86,7 @@ class Rig:
 
     def d2h(self, stream, src: Region, now=None) -> TaskEntry:
         seq = next(self.seqs)
-        task = DeviceToHost(src, lambda data: self.delivered.append((seq, bytes(data))))
+        task = DeviceToHost(src, lambda region: self.delivered.append((seq, region.read())))
         return self.submit(TaskEntry(stream, seq, task=task), now)
 
     def record(self, stream: Stream, event: Event | None = None, now=None) -> Event:
