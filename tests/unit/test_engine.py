@@ -30,13 +30,14 @@ from scheduler.stream import Event, FailEntry, RecordEntry, Stream, TaskEntry, W
 GiB = 1 << 30
 MiB = 1 << 20
 
-# 910B2, from npu/profiles.py: 3 us launch, 1.6 TB/s HBM, 50 GB/s host link, 24 AI cores.
+# 910B2, from npu/profiles.py: 3 us launch, 1.38 TB/s HBM (ddr_rate 32 B/cycle x 24 cores x 1.8 GHz), 50 GB/s
+# host link, 24 AI cores.
 LAUNCH = 3e-6
-HBM = 1.6e12
+HBM = 32 * 24 * 1.8e9
 LINK = 50e9
 CORES = 24
-# 910B4: 0.8 TB/s HBM, same launch and link.
-HBM_910B4 = 0.8e12
+# 910B4: 0.96 TB/s HBM (20 cores at 1.5 GHz), same launch and link.
+HBM_910B4 = 32 * 20 * 1.5e9
 
 
 def approx(x):
@@ -217,8 +218,8 @@ def test_two_streams_run_concurrently():
 
 
 def test_concurrent_copies_share_the_chips_hbm_bandwidth():
-    """Two 1 GiB device-to-device copies move 4 GiB through HBM: at 1.6 TB/s for the whole chip they cannot
-    both be done before 4 GiB / 1.6e12 s, however the engine shares the chip between them."""
+    """Two 1 GiB device-to-device copies move 4 GiB through HBM: at 1.38 TB/s for the whole chip they cannot
+    both be done before 4 GiB / HBM, however the engine shares the chip between them."""
     rig = Rig(mode="timing")
     a, b = rig.stream(), rig.stream()
     ea, eb = [], []
@@ -498,7 +499,7 @@ def test_one_gib_device_to_device_copy_on_910b2():
     entry = rig.task(s, DeviceToDevice(rig.region(GiB), rig.region(GiB)))
     assert entry.job.cube_limit == CORES  # fifo hands every task the whole chip
     assert entry.job.blocks == 0  # a copy runs on the copy engines, holding no AI core
-    assert rig.sync(s) == approx(LAUNCH + 2 * GiB / 1.6e12)
+    assert rig.sync(s) == approx(LAUNCH + 2 * GiB / HBM)
 
 
 @pytest.mark.parametrize(
