@@ -208,5 +208,13 @@ def bench_ops(out: Path, quick: bool) -> None:
     _bench("ops", out, quick)
 
 
+@bench.command("fidelity")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-fidelity.json", show_default=True)
+@QUICK
+def bench_fidelity(out: Path, quick: bool) -> None:
+    """The emulated chip beside public measurements, and a prefill/decode co-location probe."""
+    _bench("fidelity", out, quick)
+
+
 if __name__ == "__main__":
     sys.exit(main())
