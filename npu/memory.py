@@ -1,12 +1,14 @@
 """Device memory of one physical NPU: allocations, and byte views of them in numeric mode.
 
 In timing mode allocations have no backing store, so a 7B model's weights cost no host memory; reads of such
-memory return zeros and writes are dropped.
+memory return zeros and writes are dropped. Memory of a real device (the pyacl backend) lives on that device:
+its buffers carry the device address and the `Store` that copies bytes in and out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -20,13 +22,23 @@ def rounded_size(size: int) -> int:
     return (size + ALIGN - 1) // ALIGN * ALIGN + ALIGN
 
 
+class Store(Protocol):
+    """Bytes in and out of a device that is not this process's memory."""
+
+    def read(self, address: int, size: int) -> bytes: ...
+
+    def write(self, address: int, data) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class Buffer:
-    """One physical allocation. `data` is None in timing mode."""
+    """One physical allocation. `data` is None in timing mode and on a real device (then `store` has the bytes)."""
 
     size: int
     data: np.ndarray | None
     freed: bool = field(default=False)
+    address: int = 0  # on a real device: its device address
+    store: Store | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +53,27 @@ class Region:
         data = self.buffer.data
         return None if data is None else data[self.offset : self.offset + self.size]
 
+    @property
+    def address(self) -> int:
+        return self.buffer.address + self.offset
+
     def peek(self) -> bytes | memoryview:
-        """The bytes without copying them (zeros in timing mode)."""
+        """The bytes without copying them where they are in this process (zeros in timing mode)."""
         view = self.view()
-        return bytes(self.size) if view is None else memoryview(view)
+        return self.read() if view is None else memoryview(view)
 
     def read(self) -> bytes:
-        view = self.view()
-        return bytes(self.size) if view is None else view.tobytes()
+        view, store = self.view(), self.buffer.store
+        if view is None:
+            return bytes(self.size) if store is None else store.read(self.address, self.size)
+        return view.tobytes()
 
     def write(self, data) -> None:
         """Copy in `data`: bytes-like, or an object with `.parts`, bytes-like pieces laid end to end."""
-        view = self.view()
+        view, store = self.view(), self.buffer.store
         if view is None:
+            if store is not None:
+                store.write(self.address, b"".join(getattr(data, "parts", (data,))))
             return
         offset = 0
         for part in getattr(data, "parts", (data,)):
