@@ -7,6 +7,7 @@ a bad description gets, and timing mode (unbacked memory: nothing computed, the 
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import ml_dtypes
 import numpy as np
@@ -14,11 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.emulated.ops import KernelTask, OpNotFound, TensorSpec, bind
-from npu.emulated.ops.attention import FA_EFF_MAX, FA_L0
+from npu.emulated import timing
+from npu.emulated.ops import KernelTask, OpNotFound, TensorSpec, attention, bind
+from npu.emulated.ops.attention import FA_EFF_MAX, FA_L0, band_pairs
 from npu.emulated.ops.matmul import CUBE_EFF_MAX, CUBE_FP32_RATE, CUBE_K0
 from npu.errors import AclError, FlexNPUError, InvalidParam
 from npu.memory import DeviceMemory, Region
+from npu.profiles import profile
 from npu.tasks import Cost, Unit
 
 F32 = np.dtype(np.float32)
@@ -806,6 +809,53 @@ def test_prompt_attention_band_when_the_query_is_longer_than_the_keys():
     assert_matches(out, expected, scale=4)
 
 
+@FAST
+@given(s=st.integers(1, 12), s_kv=st.integers(1, 12), pre=st.integers(-14, 14), nxt=st.integers(-14, 14))
+def test_band_pairs_counts_what_the_band_mask_leaves(s, s_kv, pre, nxt):
+    offset = np.arange(s_kv)[None, :] - np.arange(s)[:, None]  # j - i
+    assert band_pairs(s, s_kv, pre, nxt) == int(((offset >= -pre) & (offset <= nxt)).sum())
+
+
+def test_causal_prompt_attention_at_16k_tokens_costs_without_a_mask_in_memory():
+    """Binding a 16k-token causal prefill (Qwen2.5-7B's 28 heads) allocates nothing of S x S: the visible
+    pairs are counted in closed form."""
+    s, n, n_kv, d = 16384, 28, 4, 128
+    q, kv = spec(BF16, (1, s, n * d)), spec(BF16, (1, s, n_kv * d))
+    tracemalloc.start()
+    try:
+        kernel = bind("PromptFlashAttention", [q, kv, kv], [q], {"num_heads": n, "num_key_value_heads": n_kv,
+                                                                 "next_tokens": 0})  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    visible = s * (s + 1) // 2
+    assert kernel.cost == mix(4 * n * visible * d, 2 * (q.nbytes + kv.nbytes), tiles=n * s // 128,
+                              keys_per_row=visible / s)  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_shape", [None, (1, 1, 9, 7), (2, 3, 1, 7)], ids=["band", "mask-rows", "mask-keys"])
+def test_prompt_attention_in_chunks_of_query_rows_matches_the_reference(monkeypatch, mask_shape):
+    """With room for one query row of scores at a time, every chunk masks its own rows (band and atten_mask,
+    whether the mask has a query axis or broadcasts over it) and the result is the whole computation's."""
+    monkeypatch.setattr(attention, "SCORE_CHUNK", 1)
+    rng = np.random.default_rng(21)
+    b, n, n_kv, s, s_kv, d = 2, 3, 1, 9, 7, 4
+    q, k, v = data(rng, F32, (b, n, s, d)), data(rng, F32, (b, n_kv, s_kv, d)), data(rng, F32, (b, n_kv, s_kv, d))
+    attrs = {"num_heads": n, "num_key_value_heads": n_kv, "input_layout": "BNSD", "pre_tokens": 4, "next_tokens": 1}
+    offset = np.arange(s_kv)[None, :] - np.arange(s)[:, None]
+    visible = np.broadcast_to((offset >= -4) & (offset <= 1), (b, n, s, s_kv)).copy()
+    inputs = [q, k, v]
+    if mask_shape is not None:
+        mask = rng.random(mask_shape) < 0.3
+        mask[..., 0] = mask[..., 6] = False  # every row keeps a key: row i sees key 0 (i <= 4) or 6 (i >= 5)
+        visible &= ~np.broadcast_to(mask, visible.shape)
+        inputs.append(mask)
+    expected = attention_reference(f64(q), f64(k), f64(v), visible, 1 / math.sqrt(d))
+    (out,), _ = run_op("PromptFlashAttention", inputs, [spec_of(q)], attrs)
+    assert_matches(out, expected, scale=4)
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 @FAST
 @given(draw=st.data(), seed=SEEDS)
@@ -1098,6 +1148,43 @@ def test_timing_mode_prices_a_model_sized_matmul_without_host_memory():
     assert all(r.buffer.data is None for r in regions)
     cost = task.cost()
     assert (cost.flops, cost.hbm_bytes, cost.unit) == (2 * m * n * k, (m * k + k * n + m * n) * 2, Unit.CUBE)
+
+
+# Modeled BF16 torch.mm throughput against what a 910B2 measured (github.com/zzc0721/torch-performance-test-data,
+# issue #109): the model is deterministic, so these are properties of the calibration, not timings.
+B2 = profile("910B2")
+
+
+def modeled_tflops(m: int, k: int, n: int) -> float:
+    kernel = bind("MatMulV2", [spec(BF16, (m, k)), spec(BF16, (k, n))], [spec(BF16, (m, n))], {})
+    return 2 * m * n * k / timing.alone(B2, kernel.cost) / 1e12
+
+
+@pytest.mark.parametrize(("size", "measured"), [(4096, 315.36), (8192, 301.23)])
+def test_large_gemm_models_the_measured_910b2_throughput(size, measured):
+    assert modeled_tflops(size, size, size) == pytest.approx(measured, rel=0.15)
+
+
+def test_smaller_gemms_reach_less_of_the_peak():
+    sizes = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    tflops = [modeled_tflops(n, n, n) for n in sizes]
+    assert tflops == sorted(tflops), dict(zip(sizes, tflops, strict=True))
+    efficiency = [bind("MatMulV2", [spec(BF16, (n, n))] * 2, [spec(BF16, (n, n))], {}).cost.efficiency for n in sizes]
+    assert efficiency == sorted(efficiency)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "tiles"),
+    [
+        (4096, 4096, 4096, 32 * 16),  # 128 x 256 blocks
+        (1, 4096, 4096, 16),  # 16 x 256: baseM shrinks to the padded M
+        (16, 5120, 1024, 8),  # 16 x 128: 8 blocks, as a profiled Qwen3 k/v projection on an A3 die launched
+        (1, 3584, 18944, 148),  # 16 x 128: 148 blocks in 7 rounds of 24 beat 74 of 256 in 4
+    ],
+)
+def test_gemm_tiles_follow_the_cann_base_block_choice(m, k, n, tiles):
+    kernel = bind("MatMulV2", [spec(BF16, (m, k)), spec(BF16, (k, n))], [spec(BF16, (m, n))], {})
+    assert kernel.cost.tiles == tiles
 
 
 # -- errors ----------------------------------------------------------------------------------------------
