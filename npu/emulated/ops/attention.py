@@ -14,8 +14,8 @@ from npu.tasks import Cost, Unit
 
 UNBOUNDED = 2147483647
 
-# Prompt attention cuts the queries of each (batch, head) into blocks of FA_QUERY_BLOCK rows (the FA kernels'
-# S1 base block on 910B: hicann/ops-transformer's flash attention tiling and the PTO FA kernel both use 128).
+# Prompt attention cuts the queries of each (batch, head) into blocks of FA_QUERY_BLOCK rows, the query tile
+# of the PTO flash attention kernel for A2/A3 (S0 = 128); the blocks are the tiles the cores share.
 FA_QUERY_BLOCK = 128
 # Cube efficiency of a query block over its key loop: FA_EFF_MAX * L / (L + FA_L0), L the keys a query row
 # sees on average. Fitted to the per-core figures of the hand-written PTO flash attention on one A2/A3 core
