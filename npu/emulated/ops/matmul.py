@@ -5,8 +5,9 @@ the padded ones. The output is cut into base blocks (baseM x baseN, one L0C accu
 exactly L0C's 128 KiB) that the cores take in rounds. Like the CANN tiling (hicann/ops-nn, matmul/mat_mul_v3/
 op_host/op_tiling/matmul_v3_base_tiling.cpp: CALC_M_BASIC, CalBaseSize, CalcBase), a base shape is picked from
 three candidates, baseM shrinks to share the rows among the cores the N blocks leave idle (a decode GEMM with M = 1
-gets baseM = 16), and the candidate whose busiest core loads the fewest rows + columns wins; for M = 1..32 that is
-usually 16 x 128, so the N blocks spread over more cores.
+gets baseM = 16), and the candidate whose busiest core loads the fewest rows + columns wins: a decode GEMM takes
+16 x 128 blocks where 256-wide ones would leave a lopsided last round (N = 18944: 148 blocks in 7 rounds of 24,
+not 74 in 4), so its N blocks spread over the cores. Split-K tilings (small M and N, long K) are not modeled.
 """
 
 from __future__ import annotations
