@@ -10,9 +10,30 @@ from __future__ import annotations
 import numpy as np
 
 from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, widen
-from npu.tasks import Cost
+from npu.tasks import Cost, Unit
 
 UNBOUNDED = 2147483647
+
+# Prompt attention cuts the queries of each (batch, head) into blocks of FA_QUERY_BLOCK rows, the query tile
+# of the PTO flash attention kernel for A2/A3 (S0 = 128); the blocks are the tiles the cores share.
+FA_QUERY_BLOCK = 128
+# Cube efficiency of a query block over its key loop: FA_EFF_MAX * L / (L + FA_L0), L the keys a query row
+# sees on average. Fitted to the per-core figures of the hand-written PTO flash attention on one A2/A3 core
+# (1 AIC + 2 AIV), S0 = 128, D = 128 (github.com/cannmirror/pto-isa, kernels/manual/a2a3/flash_atten/README.md):
+# S1 = 4096 -> 6.13 TFLOPS, 8192 -> 7.20 TFLOPS of the core's 14.75 (0.42, 0.49). Check against torch_npu's
+# fused attention on a 910B2 (pto-isa demos/torch_jit/flash/README.md, B = 1, one head, D = 128): Sq x Sk =
+# 3072 x 16384 measured 221 us wall (156 us less the ~65 us wall floor of a tiny call), modeled 139 us;
+# 2048 x 16384 measured 177 us (111 us), modeled 139 us. Measurements are few and noisy: treat as +-30 %.
+FA_EFF_MAX = 0.59
+FA_L0 = 1640
+# Rows of scores the numeric kernel holds at once, as elements (B x N x rows x S_kv float32): memory stays
+# O(chunk x S_kv) however long the prompt.
+SCORE_CHUNK = 1 << 22
+# Decode attention (flash decoding): each (batch, KV head) cache is cut into splits of at most
+# IFA_SPLIT_TOKENS tokens read by different cores, their partial softmaxes combined at the end, so a long
+# cache of a small batch still spreads over the chip. Not calibrated: no public IncreFlashAttention
+# measurement on 910B was found; the split length is this model's choice (memory-bound either way).
+IFA_SPLIT_TOKENS = 512
 
 
 def _heads(op: str, attrs: dict) -> tuple[int, int]:
@@ -68,7 +89,9 @@ class Attention(Op):
         self._shapes(ins, attrs)
         return [ins[0]]
 
-    def _attend(self, q, k, v, attrs, mask: np.ndarray | None):
+    def _attend(self, q, k, v, attrs, mask=None):
+        """Softmax attention in chunks of query rows; `mask(start, stop)` gives the masked (True) keys of
+        rows start..stop-1, broadcastable to [B, N, rows, S_kv], or None."""
         n, n_kv, layout = int(attrs["num_heads"]), int(attrs.get("num_key_value_heads", 0)), attrs.get("input_layout")
         layout = str(layout or "BSH")
         n_kv = n_kv or n
@@ -76,13 +99,24 @@ class Attention(Op):
         k = np.repeat(_to_bnsd(widen(k), n_kv, layout), n // n_kv, axis=1)
         v = np.repeat(_to_bnsd(widen(v), n_kv, layout), n // n_kv, axis=1)
         scale = float(attrs.get("scale_value", 1.0 / np.sqrt(q.shape[-1])))
-        scores = (q @ np.swapaxes(k, -1, -2)) * scale
-        if mask is not None:
-            scores = np.where(mask, -np.inf, scores)
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores)
-        weights /= weights.sum(axis=-1, keepdims=True)
-        return [_from_bnsd(weights @ v, layout)]
+        b, _, s, _ = q.shape
+        out = np.empty(q.shape[:3] + v.shape[-1:], np.result_type(q, v))
+        rows = max(1, SCORE_CHUNK // max(b * n * k.shape[2], 1))
+        for start in range(0, s, rows):
+            stop = min(start + rows, s)
+            scores = (q[:, :, start:stop] @ np.swapaxes(k, -1, -2)) * scale
+            masked = mask(start, stop) if mask is not None else None
+            if masked is not None:
+                scores = np.where(masked, -np.inf, scores)
+            scores -= scores.max(axis=-1, keepdims=True)
+            weights = np.exp(scores, out=scores)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out[:, :, start:stop] = weights @ v
+        return [_from_bnsd(out, layout)]
+
+    def _mix_cost(self, flops: float, hbm_bytes: float, tiles: int, keys_per_row: float) -> Cost:
+        efficiency = FA_EFF_MAX * keys_per_row / (keys_per_row + FA_L0) if keys_per_row else FA_EFF_MAX
+        return Cost(flops=flops, hbm_bytes=hbm_bytes, unit=Unit.MIX, tiles=max(tiles, 1), efficiency=efficiency)
 
 
 @register
@@ -109,29 +143,53 @@ class PromptFlashAttention(Attention):
                 )
         return [ins[0]]
 
-    def _band(self, s: int, s_kv: int, attrs) -> np.ndarray | None:
-        pre, nxt = int(attrs.get("pre_tokens", UNBOUNDED)), int(attrs.get("next_tokens", UNBOUNDED))
-        if pre >= s - 1 and nxt >= s_kv - 1:  # j - i spans -(s-1) .. s_kv-1: the band hides nothing
-            return None
-        offset = np.arange(s_kv)[None, :] - np.arange(s)[:, None]
-        return (offset > nxt) | (offset < -pre)
+    @staticmethod
+    def _window(attrs) -> tuple[int, int]:
+        return int(attrs.get("pre_tokens", UNBOUNDED)), int(attrs.get("next_tokens", UNBOUNDED))
 
     def compute(self, ins, attrs):
         q, k, v = ins[:3]
-        n = int(attrs["num_heads"])
-        layout = str(attrs.get("input_layout", "BSH"))
-        s, s_kv = _to_bnsd(q, n, layout).shape[2], (k.shape[1] if layout == "BSH" else k.shape[2])
-        mask = self._band(s, s_kv, attrs)
-        if len(ins) == 4:
+        pre, nxt = self._window(attrs)
+        user = None
+        if len(ins) == 4:  # as [B|1, N|1, S|1, S_kv|1], so its query rows can be sliced
             user = ins[3].astype(bool)
-            mask = user if mask is None else (mask | user)
+            user = user.reshape((1,) * (4 - user.ndim) + user.shape)
+        s_kv = k.shape[1] if str(attrs.get("input_layout", "BSH")) == "BSH" else k.shape[2]
+
+        def mask(start: int, stop: int) -> np.ndarray:
+            offset = np.arange(s_kv)[None, :] - np.arange(start, stop)[:, None]  # j - i
+            band = (offset > nxt) | (offset < -pre)
+            if user is not None:
+                band = band | (user if user.shape[2] == 1 else user[:, :, start:stop])
+            return band
+
         return self._attend(q, k, v, attrs, mask)
 
     def cost(self, ins, outs, attrs):
         n, _, _, b, s, s_kv, d = self._shapes(ins, attrs)
-        band = self._band(s, s_kv, attrs)
-        visible = s * s_kv if band is None else int((~band).sum())
-        return Cost(flops=4.0 * b * n * visible * d, hbm_bytes=sum(t.nbytes for t in (*ins, *outs)))
+        visible = band_pairs(s, s_kv, *self._window(attrs))
+        return self._mix_cost(
+            flops=4.0 * b * n * visible * d,
+            hbm_bytes=sum(t.nbytes for t in (*ins, *outs)),  # the mask, if any, is read once too
+            tiles=b * n * -(-s // FA_QUERY_BLOCK),
+            keys_per_row=visible / s,
+        )
+
+
+def band_pairs(s: int, s_kv: int, pre: int, nxt: int) -> int:
+    """How many (query i, key j), 0 <= i < s, 0 <= j < s_kv, satisfy -pre <= j - i <= nxt: in O(1)."""
+    return max(0, _pairs_upto(s, s_kv, nxt) - _pairs_upto(s, s_kv, -pre - 1))
+
+
+def _pairs_upto(s: int, s_kv: int, h: int) -> int:
+    """Pairs with j - i <= h: row i sees clamp(i + h + 1, 0, s_kv) keys; summed over the s rows."""
+
+    def clamped(count: int) -> int:  # sum of clamp(t, 0, s_kv) over t = 0 .. count - 1
+        count = max(count, 0)
+        linear = min(count, s_kv + 1)
+        return linear * (linear - 1) // 2 + s_kv * (count - linear)
+
+    return clamped(h + 1 + s) - clamped(h + 1)
 
 
 @register
@@ -172,9 +230,15 @@ class IncreFlashAttention(Attention):
 
     def cost(self, ins, outs, attrs):
         n, n_kv, _, b, _, s_kv, d = self._shapes(ins, attrs)
-        total = sum(self._lengths(b, s_kv, attrs))
+        lengths = self._lengths(b, s_kv, attrs)
+        total = sum(lengths)
         kv_bytes = 2 * total * n_kv * d * ins[1].dtype.itemsize
-        return Cost(flops=4.0 * n * total * d, hbm_bytes=ins[0].nbytes + outs[0].nbytes + kv_bytes)
+        return self._mix_cost(
+            flops=4.0 * n * total * d,
+            hbm_bytes=ins[0].nbytes + outs[0].nbytes + kv_bytes,
+            tiles=n_kv * sum(-(-length // IFA_SPLIT_TOKENS) for length in lengths),
+            keys_per_row=total / b,
+        )
 
 
 def _rotate_half(x: np.ndarray) -> np.ndarray:

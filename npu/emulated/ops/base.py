@@ -4,7 +4,7 @@ description is checked against it, and the task that runs a checked kernel on de
 Numerics: float inputs are computed in float32 (float64 stays float64) and cast to the declared output
 dtype, as Ascend kernels accumulate fp16/bf16 in fp32. Costs count cube FLOPs (matrix multiplies and
 attention) and HBM bytes read plus written; vector arithmetic is bandwidth-bound on the chip and is carried
-by its bytes.
+by its bytes. Cost functions are O(1) in the data: they see shapes only, and run once per bind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import numpy as np
 from npu.emulated import dtypes
 from npu.errors import AclError, FlexNPUError, InvalidParam
 from npu.memory import Region
-from npu.tasks import Cost
+from npu.tasks import Cost, Unit
+
+# A vector kernel streams its data through the 192 KiB unified buffer of its AIV core (CANN platform_config
+# ub_size = 196608 on 910B2/B3/B4), double buffered: one half is being computed while the other is loaded or
+# stored. So one tile moves at most VECTOR_TILE_BYTES of HBM traffic (reads plus writes) — this model's
+# choice, not a measurement.
+VECTOR_TILE_BYTES = 96 << 10
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,14 @@ class Op:
         raise NotImplementedError
 
     def cost(self, ins: list[TensorSpec], outs: list[TensorSpec], attrs: dict) -> Cost:
-        return Cost(hbm_bytes=sum(t.nbytes for t in ins) + sum(t.nbytes for t in outs))
+        return streaming_cost(sum(t.nbytes for t in ins) + sum(t.nbytes for t in outs))
+
+
+def streaming_cost(hbm_bytes: int, tiles: int | None = None) -> Cost:
+    """A vector kernel moving `hbm_bytes`, cut into `tiles` pieces (default: unified-buffer tiles)."""
+    if tiles is None:
+        tiles = -(-hbm_bytes // VECTOR_TILE_BYTES)
+    return Cost(hbm_bytes=hbm_bytes, unit=Unit.VECTOR, tiles=max(tiles, 1))
 
 
 REGISTRY: dict[str, Op] = {}

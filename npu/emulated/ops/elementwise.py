@@ -1,11 +1,26 @@
-"""Elementwise and row-wise vector ops: arithmetic, casts, activations, softmax."""
+"""Elementwise and row-wise vector ops: arithmetic, casts, activations, softmax.
+
+Elementwise kernels stream their bytes through the unified buffer (base.VECTOR_TILE_BYTES a tile, Op's default
+cost); softmax gives each vector core whole rows."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from npu.emulated import dtypes
-from npu.emulated.ops.base import Op, TensorSpec, axis, broadcast, operand_error, register, same_dtype, widen
+from npu.emulated.ops.base import (
+    Op,
+    TensorSpec,
+    axis,
+    broadcast,
+    operand_error,
+    register,
+    same_dtype,
+    streaming_cost,
+    widen,
+)
 
 
 class Binary(Op):
@@ -148,3 +163,8 @@ class SoftmaxV2(Unary):
         axes = tuple(int(a) for a in attrs.get("axes", [-1]))
         e = np.exp(x - x.max(axis=axes, keepdims=True))
         return [e / e.sum(axis=axes, keepdims=True)]
+
+    def cost(self, ins, outs, attrs):
+        x = ins[0]
+        row = math.prod(x.shape[int(a)] for a in attrs.get("axes", [-1]))
+        return streaming_cost(x.nbytes + outs[0].nbytes, tiles=x.size // max(row, 1))

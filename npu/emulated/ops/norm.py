@@ -1,10 +1,14 @@
-"""Normalisations: RmsNorm, AddRmsNorm (residual add fused in), LayerNorm."""
+"""Normalisations: RmsNorm, AddRmsNorm (residual add fused in), LayerNorm.
+
+Their kernels give each vector core whole rows (a row is reduced where it lies), so a cost has one tile per
+normalised row: a decode step's few rows use few cores.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, widen
+from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, streaming_cost, widen
 
 F32 = np.dtype(np.float32)
 
@@ -14,6 +18,10 @@ def _params_tail(op: str, x: TensorSpec, gamma: TensorSpec) -> int:
     if k == 0 or k > len(x.shape) or x.shape[-k:] != gamma.shape:
         raise operand_error(op, "gamma", f"shape {list(gamma.shape)} is not a trailing part of x's {list(x.shape)}")
     return k
+
+
+def _row_cost(ins: list[TensorSpec], outs: list[TensorSpec], rows: int):
+    return streaming_cost(sum(t.nbytes for t in (*ins, *outs)), tiles=rows)
 
 
 def _rms(x: np.ndarray, gamma: np.ndarray, k: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +48,9 @@ class RmsNorm(Op):
         x, gamma = widen(ins[0]), widen(ins[1])
         return list(_rms(x, gamma, gamma.ndim, float(attrs.get("epsilon", 1e-6))))
 
+    def cost(self, ins, outs, attrs):
+        return _row_cost(ins, outs, ins[0].size // ins[1].size)
+
 
 @register
 class AddRmsNorm(Op):
@@ -61,6 +72,9 @@ class AddRmsNorm(Op):
         gamma = widen(ins[2])
         y, rstd = _rms(x, gamma, gamma.ndim, float(attrs.get("epsilon", 1e-6)))
         return [y, rstd, x]
+
+    def cost(self, ins, outs, attrs):
+        return _row_cost(ins, outs, ins[0].size // ins[2].size)
 
 
 @register
@@ -99,3 +113,6 @@ class LayerNorm(Op):
         var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
         y = (x - mean) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
         return [y, mean, var]
+
+    def cost(self, ins, outs, attrs):
+        return _row_cost(ins, outs, outs[1].size)  # one mean per row

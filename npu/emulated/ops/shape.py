@@ -7,11 +7,13 @@ same meaning is accepted and checked against it when the kernel runs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from npu.emulated.ops.base import Op, TensorSpec, axis, operand_error, register
+from npu.emulated.ops.base import Op, TensorSpec, axis, operand_error, register, streaming_cost
 from npu.errors import InvalidParam
-from npu.tasks import Cost
+from npu.tasks import Cost, Unit
 
 INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -50,7 +52,9 @@ class GatherV2(Op):
         return [np.take(x, indices, axis=a)]
 
     def cost(self, ins, outs, attrs):
-        return Cost(hbm_bytes=ins[1].nbytes + 2 * outs[0].nbytes)  # only the gathered rows are read
+        a = axis(self.name, int(attrs.get("axis", 0)), len(ins[0].shape))
+        rows = math.prod(ins[0].shape[:a]) * ins[1].size  # one tile per gathered row
+        return streaming_cost(ins[1].nbytes + 2 * outs[0].nbytes, tiles=rows)  # only the gathered rows are read
 
 
 @register
@@ -100,8 +104,9 @@ class Transpose(Op):
 
 @register
 class Reshape(Op):
-    """Metadata only: the declared output's shape, same dtype and element count. Costs nothing; when the
-    output is another buffer the bytes are copied in numeric mode (on the chip they would be aliased)."""
+    """Metadata only: the declared output's shape, same dtype and element count. Costs nothing but its launch
+    (one tile, no bytes); when the output is another buffer the bytes are copied in numeric mode (on the chip
+    they would be aliased)."""
 
     name = "Reshape"
     inputs = (1, 2)
@@ -118,7 +123,7 @@ class Reshape(Op):
         return [ins[0].reshape(-1)]
 
     def cost(self, ins, outs, attrs):
-        return Cost()
+        return Cost(unit=Unit.VECTOR)
 
 
 @register
@@ -142,6 +147,9 @@ class ArgMaxV2(Op):
         _scalar_input(self.name, ins, 1, d, "dimension")
         x = ins[0].astype(np.float32) if ins[0].dtype.kind == "V" or ins[0].dtype.itemsize == 2 else ins[0]
         return [np.argmax(x, axis=d)]
+
+    def cost(self, ins, outs, attrs):
+        return streaming_cost(ins[0].nbytes + outs[0].nbytes, tiles=outs[0].size)  # one tile per row reduced
 
 
 @register
@@ -167,4 +175,5 @@ class ScatterUpdate(Op):
         return [var]
 
     def cost(self, ins, outs, attrs):
-        return Cost(hbm_bytes=ins[1].nbytes + 2 * ins[2].nbytes)  # in place: only the updated rows move
+        # in place: only the updated rows move, one tile per row
+        return streaming_cost(ins[1].nbytes + 2 * ins[2].nbytes, tiles=ins[1].size)
