@@ -3,8 +3,8 @@
 It is a synchronous state machine over modeled time. `advance(now)` replays every event up to `now` at the
 modeled time it happens, so the schedule does not depend on how late a driver calls it; it returns the
 modeled time of the next event for the driver to wait for. The chip itself is an Executor (npu/executor.py):
-the engine decides what to hand it, and when; the executor decides how long it takes. The daemon drives it from a trio task in real
-time, direct mode and simulations from the calling thread, tests step by step.
+the engine decides what to hand it, and when; the executor decides how long it takes. The daemon drives it
+from a trio task in real time, direct mode and simulations from the calling thread, tests step by step.
 """
 
 from __future__ import annotations

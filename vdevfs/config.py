@@ -6,9 +6,11 @@
 
     [[physical]]
     name = "npu0"
-    backend = "emulated"      # the only backend so far
-    chip = "910B2"            # 910B2 | 910B4 | 910C
+    backend = "emulated"      # emulated | pyacl (a real device through the vendor's pyACL)
+    chip = "910B2"            # 910B2 | 910B4 | 910C (pyacl: the chip the policies plan for)
     mode = "numeric"          # numeric (real bytes and results) | timing (shapes only, no backing store)
+    # module = "acl"          # pyacl only: the vendor pyACL module to import
+    # device = 0              # pyacl only: the vendor's device id
 
     [[virtual]]
     name = "davinci0"         # the device node's name; davinci<N>
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from interposer.topology import PhysicalUnit, Topology, VirtualNPU
 from npu.emulated.device import MODES, EmulatedNPU
+from npu.executor import Executor
 from npu.profiles import PROFILES, profile
 from scheduler.clock import make_clock
 from scheduler.engine import Engine
@@ -38,6 +41,7 @@ from scheduler.policy import POLICIES, make_policy
 from scheduler.runner import Runner, SyncRunner, TrioRunner
 from scheduler.stream import Phase
 
+BACKENDS = ("emulated", "pyacl")
 DEVICE_NAME = re.compile(r"davinci[0-9]+")
 ROLES = {"any": Phase.UNKNOWN, "prefill": Phase.PREFILL, "decode": Phase.DECODE}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
@@ -54,6 +58,8 @@ class PhysicalSpec:
     chip: str = "910B2"
     mode: str = "numeric"
     backend: str = "emulated"
+    module: str = "acl"  # pyacl backend: the vendor's pyACL module
+    device: int = 0  # pyacl backend: the vendor's device id
 
 
 @dataclass
@@ -133,7 +139,7 @@ def build(config: Config, driver: str = "trio") -> Topology:
     runner_cls: type[Runner] = TrioRunner if driver == "trio" else SyncRunner
     units = {}
     for spec in config.physical:
-        npu = EmulatedNPU(spec.name, profile(spec.chip), spec.mode)
+        npu = _executor(spec)
         runner = runner_cls(Engine(npu, make_policy(config.policy)), make_clock(config.time_scale))
         units[spec.name] = PhysicalUnit(spec.name, npu, runner, config.policy)
     virtual = []
@@ -142,6 +148,14 @@ def build(config: Config, driver: str = "trio") -> Topology:
         quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
         virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode))
     return Topology(list(units.values()), virtual, config.time_scale)
+
+
+def _executor(spec: PhysicalSpec) -> Executor:
+    if spec.backend == "pyacl":
+        from npu.pyacl.device import PyaclNPU  # imports the vendor's module: only when asked for
+
+        return PyaclNPU(spec.name, profile(spec.chip), spec.module, spec.device)
+    return EmulatedNPU(spec.name, profile(spec.chip), spec.mode)
 
 
 # -- field parsers ---------------------------------------------------------------------------------------
@@ -175,15 +189,24 @@ def _str(table: dict, key: str, where: str, default: str | None = None) -> str:
 
 def _physical(i: int, table: dict) -> PhysicalSpec:
     where = f"physical[{i}]."
-    _only(table, where, {"name", "backend", "chip", "mode"})
+    _only(table, where, {"name", "backend", "chip", "mode", "module", "device"})
     spec = PhysicalSpec(
         name=_str(table, "name", where),
         backend=_str(table, "backend", where, "emulated"),
         chip=_str(table, "chip", where, "910B2"),
         mode=_str(table, "mode", where, "numeric"),
+        module=_str(table, "module", where, "acl"),
+        device=table.get("device", 0),
     )
-    if spec.backend != "emulated":
-        raise ConfigError(where + "backend", spec.backend, "only the 'emulated' backend is available")
+    if spec.backend not in BACKENDS:
+        raise ConfigError(where + "backend", spec.backend, f"must be one of {', '.join(BACKENDS)}")
+    if spec.backend != "pyacl" and ("module" in table or "device" in table):
+        key = "module" if "module" in table else "device"
+        raise ConfigError(where + key, table[key], 'only a backend = "pyacl" NPU has a vendor module and device')
+    if not isinstance(spec.device, int) or isinstance(spec.device, bool) or spec.device < 0:
+        raise ConfigError(where + "device", spec.device, "must be a device id >= 0")
+    if spec.backend == "pyacl" and spec.mode != "numeric":
+        raise ConfigError(where + "mode", spec.mode, "a real device has real memory: the pyacl backend is numeric")
     if spec.chip not in PROFILES:
         raise ConfigError(where + "chip", spec.chip, f"unknown chip (have {', '.join(PROFILES)})")
     if spec.mode not in MODES:

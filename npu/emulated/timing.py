@@ -188,13 +188,19 @@ class BlockTiming:
             self._set_rate(c, p.launch_overhead_s + max(run.compute_s, link, hbm))
             self._due = c.due
             return
-        link_bw = _bandwidths(cohorts, [c.run.link for c in cohorts], [p.host_link_bandwidth] * len(cohorts),
-                              [c.run.compute_s for c in cohorts], p.host_link_bandwidth)  # fmt: skip
+        link_bw = _bandwidths(
+            cohorts,
+            [c.run.link for c in cohorts],
+            [p.host_link_bandwidth] * len(cohorts),
+            [c.run.compute_s for c in cohorts],
+            p.host_link_bandwidth,
+        )
         floors = [
             max(c.run.compute_s, c.run.link / bw if c.run.link else 0.0) for c, bw in zip(cohorts, link_bw, strict=True)
         ]
-        hbm_bw = _bandwidths(cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors,
-                             p.hbm_bandwidth)  # fmt: skip
+        hbm_bw = _bandwidths(
+            cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors, p.hbm_bandwidth
+        )
         for c, floor, bw in zip(cohorts, floors, hbm_bw, strict=True):
             self._set_rate(c, p.launch_overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0))
         self._due = min(c.due for c in cohorts)

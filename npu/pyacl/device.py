@@ -60,7 +60,8 @@ class VendorMemory:
             raise InvalidParam(f"malloc size must be > 0, got {size}")
         real = rounded_size(size)
         if self.used + real > self.capacity:
-            raise OutOfMemory(f"physical device out of memory: {real} bytes requested, {self.capacity - self.used} free")
+            free = self.capacity - self.used
+            raise OutOfMemory(f"physical device out of memory: {real} bytes requested, {free} free")
         address = checked("rt.malloc", self.acl.rt.malloc(size, 0))
         self.used += real
         return Buffer(real, None, address=address, store=self)
@@ -84,8 +85,10 @@ class VendorMemory:
     def write(self, address: int, data) -> None:
         data = bytes(data)
         if data:
-            checked("rt.memcpy", self.acl.rt.memcpy(address, len(data), self.acl.util.bytes_to_ptr(data), len(data),
-                                                     HOST_TO_DEVICE))  # fmt: skip
+            checked(
+                "rt.memcpy",
+                self.acl.rt.memcpy(address, len(data), self.acl.util.bytes_to_ptr(data), len(data), HOST_TO_DEVICE),
+            )
 
 
 @dataclass(eq=False)
@@ -173,8 +176,10 @@ class PyaclNPU:
             self._launch(task, stream, keep)
         elif isinstance(task, DeviceToDevice):
             size = task.dst.size
-            checked("rt.memcpy_async",
-                    acl.rt.memcpy_async(task.dst.address, size, task.src.address, size, DEVICE_TO_DEVICE, stream))  # fmt: skip
+            checked(
+                "rt.memcpy_async",
+                acl.rt.memcpy_async(task.dst.address, size, task.src.address, size, DEVICE_TO_DEVICE, stream),
+            )
         elif isinstance(task, Fill):
             size = task.dst.size
             checked("rt.memset_async", acl.rt.memset_async(task.dst.address, size, task.value, size, stream))
@@ -197,8 +202,10 @@ class PyaclNPU:
         keep.append(("attr", attr))
         for name, value in kernel.attrs.items():
             checked(f"op.set_attr {name}", _setter(acl, value)(attr, name, value))
-        checked(f"op.execute_v2 {kernel.op_type}",
-                acl.op.execute_v2(kernel.op_type, in_descs, in_bufs, out_descs, out_bufs, attr, stream))  # fmt: skip
+        checked(
+            f"op.execute_v2 {kernel.op_type}",
+            acl.op.execute_v2(kernel.op_type, in_descs, in_bufs, out_descs, out_bufs, attr, stream),
+        )
 
     def _release(self, keep: list) -> None:
         acl = self.acl

@@ -13,8 +13,8 @@ from npu.profiles import profile
 from npu.tasks import Cost, Unit
 from scheduler.engine import Engine
 from scheduler.policy import make_policy
-from scheduler.stream import RecordEntry, Stream, TaskEntry
 from scheduler.stream import Event as StreamEvent
+from scheduler.stream import RecordEntry, Stream, TaskEntry
 
 B2 = profile("910B2")
 CORES, VECTOR_CORES = 24, 48
