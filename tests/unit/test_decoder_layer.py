@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from interposer.runtime import Runtime
+from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, AttrKind, Op
 
 BF16, F32, I32, ND = 27, 0, 3, 2
