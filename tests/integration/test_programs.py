@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from npu.errors import AclError
-from tests.conftest import PROGRAMS, ROOT, acl_popen, acl_program, requires_mount, vdevctl
+from tests.conftest import PROGRAMS, acl_popen, acl_program, requires_mount, vdevctl
 from tools.vdevctl import SHIM_PATH
 
 pytestmark = requires_mount

@@ -99,10 +99,12 @@ def destroy_stream(stream: int) -> None:
 
 @code
 def synchronize_stream(stream: int) -> None:
-    RUNTIME.call(Op.STREAM_SYNC, stream, handle=stream)
+    RUNTIME.synchronize_stream(stream)
 
 
 # -- events ------------------------------------------------------------------------------------------------
+
+_recorded: set[int] = set()  # events with a record_event not undone by reset_event
 
 
 @value(0)
@@ -123,16 +125,19 @@ def create_event_ex_with_flag(flag: int) -> int:
 @code
 def destroy_event(event: int) -> None:
     RUNTIME.destroy(Op.EVENT_DESTROY, event)
+    _recorded.discard(event)
 
 
 @code
 def record_event(event: int, stream: int) -> None:
     RUNTIME.submit(Op.EVENT_RECORD, event, event=event, stream=stream)
+    _recorded.add(event)
 
 
 @code
 def reset_event(event: int, stream: int) -> None:
     RUNTIME.submit(Op.EVENT_RESET, event, event=event, stream=stream)
+    _recorded.discard(event)
 
 
 @code
@@ -151,8 +156,10 @@ def _completed(event: int) -> bool:
 
 @value(ACL_EVENT_RECORDED_STATUS_NOT_READY)
 def query_event_status(event: int) -> int:
-    """aclrtQueryEventStatus: has the work before the event's record completed?"""
-    return ACL_EVENT_RECORDED_STATUS_COMPLETE if _completed(event) else ACL_EVENT_RECORDED_STATUS_NOT_READY
+    """aclrtQueryEventStatus: has the work before the event's record completed? An event never recorded is
+    NOT_READY (aclrtEventRecordedStatus)."""
+    done = _completed(event) and event in _recorded
+    return ACL_EVENT_RECORDED_STATUS_COMPLETE if done else ACL_EVENT_RECORDED_STATUS_NOT_READY
 
 
 @value(ACL_EVENT_STATUS_NOT_READY)
@@ -237,7 +244,7 @@ def unsubscribe_report(thread_id: int, stream: int) -> None:
 
 @code
 def launch_callback(fn, user_data, block_flag: int, stream: int) -> None:
-    RUNTIME.reports.launch(fn, user_data, stream)
+    RUNTIME.reports.launch(fn, user_data, block_flag == ACL_CALLBACK_BLOCK, stream)
 
 
 @code

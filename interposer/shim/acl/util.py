@@ -14,7 +14,7 @@ NPY_TYPES = {
     0: "bool", 1: "int8", 2: "uint8", 3: "int16", 4: "uint16", 5: "int32", 6: "uint32",
     7: "int64", 8: "uint64", 11: "float32", 12: "float64", 23: "float16",
 }  # fmt: skip
-_contiguous = weakref.WeakKeyDictionary()  # array -> its contiguous copy, alive as long as the array
+_copies: dict[int, object] = {}  # contiguous copies, each kept until the array it was made from is gone
 
 
 def bytes_to_ptr(data: bytes | bytearray) -> int:
@@ -39,7 +39,9 @@ def numpy_contiguous_to_ptr(array) -> int:
         return array.ctypes.data
     import numpy as np
 
-    copy = _contiguous[array] = np.ascontiguousarray(array)
+    copy = np.ascontiguousarray(array)
+    _copies[id(copy)] = copy
+    weakref.finalize(array, _copies.pop, id(copy), None)
     return copy.ctypes.data
 
 

@@ -215,7 +215,14 @@ class Runtime:
         return check(self.client(route).call(op, **args))
 
     def submit(self, op: Op, route: int = 0, data: bytes = b"", landing=None, **args) -> None:
+        if "stream" in args:
+            self.reports.hold(args["stream"])
         self.client(route).submit(op, data, landing, **args)
+
+    def synchronize_stream(self, stream: int) -> None:
+        """The stream's work, then the host callbacks queued on it, are done."""
+        self.call(Op.STREAM_SYNC, stream, handle=stream)
+        self.reports.hold(stream, blocking_only=False)
 
     @staticmethod
     def _handle(reply: Reply, op: Op) -> int:
@@ -262,6 +269,7 @@ class Runtime:
     def _host_in_order(self, stream: int | None) -> None:
         """Host-side work queued on a stream runs after everything before it: wait for the stream here."""
         if stream is not None:
+            self.reports.hold(stream)
             self.call(Op.STREAM_SYNC, stream, handle=stream)
 
     def _copy_chunk(self, dst: int, src: int, n: int, kind: int, stream: int | None) -> None:
@@ -323,6 +331,7 @@ class Runtime:
                 op_type, [(d, f, dims) for d, f, dims, _ in ins], [(d, f, dims) for d, f, dims, _ in outs], attrs
             )
             client.submit(Op.OP_TEMPLATE, description, template=template)
+        self.reports.hold(stream)
         addresses = [ptr for *_, ptr in (*ins, *outs)]
         packed = struct.pack(f"<{len(addresses)}Q", *addresses)
         client.submit(Op.OP_LAUNCH, packed, stream=stream, template=template, count=len(addresses))
