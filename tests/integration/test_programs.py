@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from npu.errors import AclError
-from tests.conftest import PROGRAMS, acl_popen, acl_program, requires_mount, vdevctl
+from tests.conftest import PROGRAMS, ROOT, acl_popen, acl_program, requires_mount, vdevctl
 from tools.vdevctl import SHIM_PATH
 
 pytestmark = requires_mount
@@ -85,10 +87,20 @@ def test_a_process_cannot_touch_another_process_memory(daemon, other, why):
 BARE_PYTHON = "/usr/bin/python3"  # the system interpreter: none of the project's dependencies installed
 
 
-def test_container_sees_its_bound_node_as_device_0(daemon, tmp_path):
-    """The README's container recipe: bind a device file as /dev/davinci0 and the shim directory, put the shim
-    on the path, run a program in an isolated (-I: no environment, no user site) interpreter that has nothing
-    installed, from an empty environment."""
+HOLD = f"""-c "import runpy, sys; sys.path.insert(0, '{{shim}}'); sys.argv = ['hold.py', '0', '8192']
+runpy.run_path('{PROGRAMS}/hold.py', run_name='__main__')\""""
+LAUNCHERS = {
+    # The README's recipe: the shim directory on the path of an isolated (-I: no environment, no user site)
+    # interpreter with nothing installed, from an empty environment.
+    "bare-python": f"env -i PATH=/usr/bin:/bin {BARE_PYTHON} -I {HOLD}",
+    # vdevctl run where no daemon status file is: it finds the bound node as the shim does.
+    "vdevctl-run": f"{sys.executable} -m tools.vdevctl --mount /none run -- {BARE_PYTHON} {PROGRAMS}/hold.py 0 8192",
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_container_sees_its_bound_node_as_device_0(daemon, tmp_path, launcher):
+    """A container: a device file bound as /dev/davinci0 and the shim directory bound beside the program."""
     if not shutil.which("unshare"):
         pytest.skip("unshare not available")
     if subprocess.run([BARE_PYTHON, "-I", "-c", "import construct"], capture_output=True).returncode == 0:
@@ -105,14 +117,14 @@ def test_container_sees_its_bound_node_as_device_0(daemon, tmp_path):
         touch /dev/davinci0
         mount --bind {daemon.mount}/davinci2 /dev/davinci0
         mount --bind {SHIM_PATH} {tmp_path}/shim
-        cd /
-        exec env -i PATH=/usr/bin:/bin {BARE_PYTHON} -I -c "
-        import runpy, sys; sys.path.insert(0, '{tmp_path}/shim'); sys.argv = ['hold.py', '0', '8192']
-        runpy.run_path('{PROGRAMS}/hold.py', run_name='__main__')"
+        cd {"/" if launcher == "bare-python" else ROOT}
+        exec {LAUNCHERS[launcher].format(shim=f"{tmp_path}/shim")}
         """
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXNPU")}
     container = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
