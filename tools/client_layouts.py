@@ -11,6 +11,8 @@ from __future__ import annotations
 import pprint
 from pathlib import Path
 
+import click
+
 from interposer import handles, wire
 from npu.errors import AclError
 
@@ -54,6 +56,12 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
+@click.command()
+def main() -> None:
+    """Regenerate interposer/shim/flexnpu_client/layouts.py from the construct definitions."""
     TARGET.write_text(render())
-    print(f"wrote {TARGET}")
+    click.echo(f"wrote {TARGET}")
+
+
+if __name__ == "__main__":
+    main()

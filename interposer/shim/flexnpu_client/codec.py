@@ -42,7 +42,9 @@ class Layout:
 
     def values(self, args: dict) -> list:
         try:
-            return [args[n] if n not in self.consts else self.consts[n] for n in self.names]
+            if not self.consts:
+                return [args[n] for n in self.names]
+            return [self.consts[n] if n in self.consts else args[n] for n in self.names]
         except KeyError as exc:
             raise AclCallError(f"{self.name}: missing field {exc.args[0]}") from None
 

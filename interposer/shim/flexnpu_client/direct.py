@@ -18,8 +18,10 @@ class DirectTransport:
 
     def __init__(self, translator) -> None:
         from interposer import wire
+        from interposer.session import answer_sync
 
         self.translator = translator
+        self._decode, self._answer = wire.decode_records, answer_sync  # bound once: call() is the hot path
         self._frames = wire.FrameBuffer()
         self._replies = wire.FrameBuffer()
 
@@ -27,13 +29,10 @@ class DirectTransport:
         self.call(frame)
 
     def call(self, frame: list | bytes):
-        from interposer import wire
-        from interposer.session import answer_sync
-
         reply: list = []
         for part in [frame] if isinstance(frame, bytes) else frame:
             for count, body in self._frames.feed(part):
-                reply = answer_sync(self.translator, wire.decode_records(count, body)) or []
+                reply = self._answer(self.translator, self._decode(count, body)) or []
         # The reply is reassembled as the FUSE client would, without copying its parts.
         bodies = [body for part in reply for _, body in self._replies.feed(part)]
         return bodies[0] if bodies else memoryview(b"")

@@ -24,7 +24,7 @@ from .reports import Reports
 PHASES = {"unknown": 0, "prefill": 1, "decode": 2}
 MEMCPY_CHUNK = 64 << 20  # largest copy carried by one record
 
-HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE, DEFAULT = range(5)
+HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE = range(4)  # aclrtMemcpyKind, and the copy made
 MEMCPY_KINDS = range(8)  # aclrtMemcpyKind, up to ACL_MEMCPY_INTER_DEVICE_TO_DEVICE
 DIRECTIONS = {  # (src on device, dst on device) -> the copy that happens
     (False, False): HOST_TO_HOST,
