@@ -61,7 +61,11 @@ class DirectTopology:
                 logger_factory=structlog.PrintLoggerFactory(sys.stderr),
                 wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
             )
-        self._vdevs = {v.name: v for v in vdevfs_config.build(vdevfs_config.load(config), driver="sync").virtual}
+        try:
+            topology = vdevfs_config.build(vdevfs_config.load(config), driver="sync")
+        except vdevfs_config.ConfigError as exc:
+            raise AclCallError(f"FLEXNPU_CONFIG: {exc}", AclError.RT_NO_DEVICE) from None
+        self._vdevs = {v.name: v for v in topology.virtual}
 
     @property
     def names(self) -> list[str]:
