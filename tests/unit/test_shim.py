@@ -193,7 +193,8 @@ def test_host_callbacks_run_in_stream_order_in_the_subscribed_thread(acl, stream
     assert acl.rt.launch_callback(record, "first", acl.rt.ACL_CALLBACK_BLOCK, stream) == ACL_SUCCESS
     assert acl.rt.memset_async(host, 16, 1, 16, stream) == ACL_SUCCESS
     assert acl.rt.launch_callback(record, "second", acl.rt.ACL_CALLBACK_NO_BLOCK, stream) == ACL_SUCCESS
-    assert acl.rt.synchronize_stream(stream) == ACL_SUCCESS
+    assert acl.rt.synchronize_device() == ACL_SUCCESS  # the device's work and its callbacks
+    assert len(seen) == 2
     assert acl.util.stop_thread(thread_id) == ACL_SUCCESS
     assert acl.rt.unsubscribe_report(thread_id, stream) == ACL_SUCCESS
     assert returns == [ACL_SUCCESS, ACL_SUCCESS]
@@ -239,6 +240,17 @@ def test_constant_operand(acl, stream):
     assert acl.op.execute_v2("Add", [dx, dc], [bx, bc], [dout], [bout], 0, stream) == ACL_SUCCESS
     assert acl.rt.synchronize_stream(stream) == ACL_SUCCESS
     assert np.frombuffer(read(acl, pout, 16), np.float32).tolist() == (x + const).tolist()
+
+
+def test_a_bad_direct_mode_config_is_an_error_code(tmp_path):
+    from interposer.shim.flexnpu_client.errors import AclCallError, AclError
+    from interposer.shim.flexnpu_client.runtime import Runtime
+
+    (tmp_path / "bad.toml").write_text("x = 1\n")
+    runtime = Runtime(direct=True, config=str(tmp_path / "bad.toml"))
+    with pytest.raises(AclCallError, match="unknown key") as info:
+        runtime.set_device(0)
+    assert info.value.code == AclError.RT_NO_DEVICE
 
 
 def test_dvpp_memory_and_refused_media_calls(acl):

@@ -63,3 +63,8 @@ def test_wheel_holds_the_shim_and_its_client_and_depends_on_nothing(tmp_path):
         metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
     assert {n.split("/")[0] for n in names if not n.startswith("flexnpu_acl-")} == {"acl", "flexnpu_client"}
     assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra ==" not in line] == []
+    if Path(BARE_PYTHON).exists():  # installed (a wheel is unpacked as is), it imports in a bare interpreter
+        zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+        code = f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); import acl; print(acl.__file__)"
+        result = subprocess.run([BARE_PYTHON, "-I", "-c", code], capture_output=True, text=True, cwd="/", check=True)
+        assert result.stdout.startswith(str(tmp_path / "site"))

@@ -53,7 +53,7 @@ def get_run_mode() -> int:
 
 @code
 def synchronize_device() -> None:
-    RUNTIME.call(Op.DEVICE_SYNC)
+    RUNTIME.synchronize_device()
 
 
 # -- contexts ----------------------------------------------------------------------------------------------

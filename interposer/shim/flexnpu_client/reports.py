@@ -66,6 +66,11 @@ class Reports:
             self._waiting.setdefault(stream, []).append(waiting)
         self._pending[thread_id].put((event, fn, user_data, stream, waiting))
 
+    def streams(self) -> list[int]:
+        """Streams with callbacks that have not run yet."""
+        with self._lock:
+            return list(self._waiting)
+
     def hold(self, stream: int, blocking_only: bool = True) -> None:
         """Wait until the callbacks queued on `stream` that hold it (all of them: blocking_only=False) returned."""
         if not self._waiting:  # the common case: no callbacks anywhere

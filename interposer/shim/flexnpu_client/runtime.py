@@ -88,7 +88,11 @@ class Runtime:
 
     def _check_device(self, device: int) -> None:
         if not 0 <= device < len(self.devices):
-            have = f"0-{len(self.devices) - 1}" if self.devices else "none: is vdevfsd running? see `vdevctl ls`"
+            have = (
+                f"0-{len(self.devices) - 1}"
+                if self.devices
+                else "none: is vdevfsd running (vdevctl ls)? in a container, is a FlexNPU file bound at /dev/davinciN?"
+            )
             raise AclCallError(
                 f"device {device} does not exist (this process sees {have})", AclError.RT_INVALID_DEVICEID
             )
@@ -223,6 +227,14 @@ class Runtime:
         """The stream's work, then the host callbacks queued on it, are done."""
         self.call(Op.STREAM_SYNC, stream, handle=stream)
         self.reports.hold(stream, blocking_only=False)
+
+    def synchronize_device(self) -> None:
+        """The current device's work, then the host callbacks queued on its streams, are done."""
+        self.call(Op.DEVICE_SYNC)
+        device = self.current_device()
+        for stream in self.reports.streams():
+            if self._owner.get(stream, device) == device:
+                self.reports.hold(stream, blocking_only=False)
 
     @staticmethod
     def _handle(reply: Reply, op: Op) -> int:
