@@ -268,6 +268,9 @@ def test_dvpp_memory_and_refused_media_calls(acl):
 
 
 def test_failed_calls_print_nothing_unless_the_cann_log_says_so(acl, capfd, monkeypatch):
+    # pyACL prints nothing on a failed call (the message is in get_recent_err_msg); CANN's log goes to stdout
+    # with ASCEND_SLOG_PRINT_TO_STDOUT=1, at ASCEND_GLOBAL_LOG_LEVEL and above. aclpythondevg_01_0050
+    # "app_log": acl.app_log(log_level, message), levels 0 DEBUG … 3 ERROR, returns nothing.
     monkeypatch.delenv("ASCEND_SLOG_PRINT_TO_STDOUT", raising=False)
     assert acl.rt.free(0x1234) != ACL_SUCCESS
     acl.app_log(3, "app error")
