@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from interposer.runtime import Runtime
+from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, Op
 from tools import launch
 from tools.tables import plain

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from interposer.client import FLUSH_RECORDS, Client, DirectTransport, FileTransport
-from interposer.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
+from interposer.shim.flexnpu_client.client import FLUSH_RECORDS, Client, FileTransport
+from interposer.shim.flexnpu_client.direct import DirectTransport
+from interposer.shim.flexnpu_client.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
 from interposer.translate import Translator
 from interposer.wire import COMMANDS, Op
 from tools import launch

@@ -12,10 +12,12 @@ import click
 
 import interposer.shim
 from interposer import logs
+from interposer.shim.flexnpu_client.devices import bound_nodes
+from tools import coverage
 from tools.tables import boxed
 
 DEFAULT_MOUNT = "/dev/flexnpu"
-SHIM_PATH = str(Path(interposer.shim.__file__).parent)
+SHIM_PATH = str(Path(interposer.shim.__file__).parent)  # holds acl/ and flexnpu_client/, standard library only
 
 
 def read_status(mount: Path) -> dict:
@@ -147,6 +149,11 @@ def ls(mount: Path, as_json: bool) -> None:
 def run(mount: Path, devices: str | None, direct: bool, config: str | None, phase: str | None, command) -> None:
     """Run COMMAND with pyACL (`import acl`) forwarded to virtual NPUs.
 
+    COMMAND runs as given, with the shim first on PYTHONPATH: `python` is whichever interpreter PATH finds
+    first (any Python 3.11+ will do, the shim needs only the standard library). Inside a container, where no
+    daemon status file is, the devices are the bound FlexNPU nodes (/dev/davinciN), found as the shim finds
+    them.
+
     Example: vdevctl run --devices 2,3 -- python infer.py
     """
     env = dict(os.environ)
@@ -163,17 +170,39 @@ def run(mount: Path, devices: str | None, direct: bool, config: str | None, phas
             env["FLEXNPU_DEVICES"] = ",".join(device_names(devices))
     else:
         env.pop("FLEXNPU_DIRECT", None)
-        status = read_status(mount)
-        have = [v["name"] for v in status["virtual"]]
-        chosen = device_names(devices) if devices else have
-        for name in chosen:
-            if name not in have:
-                raise click.ClickException(f"{name}: no such virtual device (have {', '.join(have)}; see vdevctl ls)")
-        env["FLEXNPU_DEVICES"] = ",".join(str(mount / name) for name in chosen)
+        env["FLEXNPU_DEVICES"] = ",".join(_device_files(mount, devices))
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:
         raise click.ClickException(f"{command[0]}: {exc.strerror}") from None
+
+
+def _device_files(mount: Path, devices: str | None) -> list[str]:
+    """The device files of the chosen virtual NPUs: the daemon's, or in a container the bound nodes."""
+    if not (mount / "status").exists() and bound_nodes():
+        have = bound_nodes()
+        chosen = [int(n.removeprefix("davinci")) for n in device_names(devices)] if devices else range(len(have))
+        missing = [n for n in chosen if n >= len(have)]
+        if missing:
+            raise click.ClickException(f"davinci{missing[0]}: not bound in this container (have {', '.join(have)})")
+        return [have[n] for n in chosen]
+    have = [v["name"] for v in read_status(mount)["virtual"]]
+    chosen = device_names(devices) if devices else have
+    for name in chosen:
+        if name not in have:
+            raise click.ClickException(f"{name}: no such virtual device (have {', '.join(have)}; see vdevctl ls)")
+    return [str(mount / name) for name in chosen]
+
+
+@main.command()
+@click.option("--path", "show_path", is_flag=True, help="Print the directory to bind-mount and put on PYTHONPATH.")
+@click.option("--coverage", "show_coverage", is_flag=True, help="Print the API coverage table (Markdown).")
+def shim(show_path: bool, show_coverage: bool) -> None:
+    """The `acl` shim: where it is, and which pyACL calls it implements."""
+    if show_coverage:
+        click.echo(coverage.table(SHIM_PATH), nl=False)
+    if show_path or not show_coverage:
+        click.echo(SHIM_PATH)
 
 
 @main.group()

@@ -13,10 +13,11 @@ import time
 import pytest
 
 from interposer import wire
-from interposer.client import Client, FileTransport
-from interposer.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
+from interposer.shim.flexnpu_client.client import Client, FileTransport
+from interposer.shim.flexnpu_client.errors import AclCallError
+from interposer.shim.flexnpu_client.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
 from interposer.wire import COMMANDS, Op
-from npu.errors import AclError, FlexNPUError
+from npu.errors import AclError
 from tests.conftest import ROOT, requires_mount
 
 pytestmark = requires_mount
@@ -76,7 +77,7 @@ def test_wrong_protocol_version_names_both_versions(daemon, healthy):
     transport = FileTransport(str(daemon.mount / "davinci0"))
     frame = wire.frame(hello(), 1)
     frame[0] = wire.FrameHeader.codec.pack(wire.MAGIC, 99, 0, 1, len(frame[1]))
-    with pytest.raises(FlexNPUError, match=f"client speaks 99, daemon speaks {wire.PROTOCOL_VERSION}"):
+    with pytest.raises(AclCallError, match=f"client speaks 99, daemon speaks {wire.PROTOCOL_VERSION}"):
         transport.send(frame)
     transport.close()
 
@@ -96,7 +97,7 @@ def test_truncated_frame_then_close_loses_nothing(daemon, healthy):
 
 
 def expect(code: AclError, fn, *args, match: str = "", **kwargs):
-    with pytest.raises(FlexNPUError, match=match) as info:
+    with pytest.raises(AclCallError, match=match) as info:
         fn(*args, **kwargs)
     assert info.value.code == code
     return info.value
@@ -168,8 +169,8 @@ def wait_until(predicate, timeout: float = 15.0) -> bool:
 CRASHER = """
 import os, sys, time
 from interposer import wire
-from interposer.client import Client, FileTransport
-from interposer.runtime import Runtime
+from interposer.shim.flexnpu_client.client import Client, FileTransport
+from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, Op
 rt = Runtime(devices=[sys.argv[1]])
 rt.set_device(0)

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from interposer.runtime import Runtime
+from interposer.shim.flexnpu_client.errors import AclCallError
+from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import AttrKind, Op
-from npu.errors import AclError, FlexNPUError
+from npu.errors import AclError
 from tests.conftest import PROGRAMS, ROOT, acl_program, requires_mount
 
 pytestmark = requires_mount
@@ -69,7 +70,7 @@ def operand(rt: Runtime, dtype: int, dims: tuple[int, ...], itemsize: int) -> tu
 
 
 def expect(code: AclError, match: str, fn, *args, **kwargs) -> None:
-    with pytest.raises(FlexNPUError, match=match) as info:
+    with pytest.raises(AclCallError, match=match) as info:
         fn(*args, **kwargs)
     assert info.value.code == code
 

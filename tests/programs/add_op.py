@@ -4,6 +4,7 @@ Usage: python add_op.py [DEVICE_ID]. Prints "add ok" when every sum is exact.
 """
 
 import sys
+import tempfile
 
 import numpy as np
 
@@ -26,7 +27,8 @@ def main():
     check(ret, "create_context")
     stream, ret = acl.rt.create_stream()
     check(ret, "create_stream")
-    check(acl.op.set_model_dir("op_models"), "set_model_dir")
+    models = tempfile.TemporaryDirectory()  # where the sample's compiled *.om operators would be
+    check(acl.op.set_model_dir(models.name), "set_model_dir")
 
     shape = [8, 16]
     x1 = np.random.default_rng(0).integers(-1000, 1000, shape, dtype=np.int32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ml_dtypes import bfloat16
 
-from interposer.runtime import MEMCPY_CHUNK, Runtime
+from interposer.shim.flexnpu_client.runtime import MEMCPY_CHUNK, Runtime
 from interposer.wire import COMMANDS, AttrKind, Op
 from npu.emulated.ops import TensorSpec, bind
 from npu.emulated.timing import alone

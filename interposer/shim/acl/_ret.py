@@ -1,29 +1,19 @@
-"""pyACL's return conventions: `ret`, or a tuple with `ret` last; failures log the daemon's message."""
+"""pyACL's return conventions: `ret`, or a tuple with `ret` last. A failure prints nothing by default, as
+with pyACL: its message is kept for get_recent_err_msg() and goes to the CANN-style log (_log.py)."""
 
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 
-import structlog
-
-from npu.errors import AclError, FlexNPUError
-
-if not structlog.is_configured():
-    # An interposed program's stdout is its own: our warnings go to stderr.
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-    )
-log = structlog.get_logger("acl")
+from acl import _log
+from flexnpu_client.errors import AclCallError, AclError
 
 last_error = {"message": ""}
 
 
-def _failed(name: str, exc: FlexNPUError) -> int:
+def failed(name: str, exc: AclCallError) -> int:
     last_error["message"] = exc.message
-    log.warning("acl_call_failed", call=name, code=int(exc.code), error=exc.message)
+    _log.emit(_log.ACL_ERROR, f"[{name}] {exc.message} (error code {int(exc.code)})")
     return int(exc.code)
 
 
@@ -34,8 +24,8 @@ def code(fn):
     def wrapper(*args, **kwargs):
         try:
             fn(*args, **kwargs)
-        except FlexNPUError as exc:
-            return _failed(fn.__name__, exc)
+        except AclCallError as exc:
+            return failed(fn.__name__, exc)
         return AclError.SUCCESS.value
 
     return wrapper
@@ -49,10 +39,27 @@ def value(*defaults):
         def wrapper(*args, **kwargs):
             try:
                 result = fn(*args, **kwargs)
-            except FlexNPUError as exc:
-                return (*defaults, _failed(fn.__name__, exc))
+            except AclCallError as exc:
+                return (*defaults, failed(fn.__name__, exc))
             return (*result, 0) if isinstance(result, tuple) else (result, 0)
 
+        return wrapper
+
+    return decorate
+
+
+def refused(*defaults):
+    """A call whose feature FlexNPU does not emulate yet: ACL_ERROR_FEATURE_UNSUPPORTED with a message (after
+    `defaults` where pyACL returns a tuple). Marked so that the API coverage table lists it as refused."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            message = f"acl.{fn.__module__.removeprefix('acl.')}.{fn.__name__}: {fn.__doc__}"
+            ret = failed(fn.__name__, AclCallError(message, AclError.FEATURE_UNSUPPORTED))
+            return (*defaults, ret) if defaults else ret
+
+        wrapper.refused = True
         return wrapper
 
     return decorate

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from dataclasses import dataclass
+
+from acl._ret import code
+from flexnpu_client.errors import AclCallError
 
 DTYPE_SIZES = {0: 4, 1: 2, 2: 1, 3: 4, 4: 1, 6: 2, 7: 2, 8: 4, 9: 8, 10: 8, 11: 8, 12: 1, 27: 2}
 
@@ -14,6 +18,7 @@ class TensorDesc:
     dtype: int
     dims: tuple[int, ...]
     format: int
+    const: bytes | None = None  # set_tensor_const: the operand's value, uploaded when an operator runs
 
 
 @dataclass
@@ -94,3 +99,14 @@ def get_data_buffer_size_v2(buffer: int) -> int:
 
 
 get_data_buffer_size = get_data_buffer_size_v2
+
+
+@code
+def set_tensor_const(desc: int, data_ptr: int, length: int) -> None:
+    """aclSetTensorConst: the operand is a constant; its bytes are copied now from host memory."""
+    d = DESCS.get(desc)
+    if d is None:
+        raise AclCallError(f"set_tensor_const: 0x{desc:x} is not a tensor descriptor")
+    if not data_ptr or length <= 0:
+        raise AclCallError(f"set_tensor_const: needs host data and a length > 0, got 0x{data_ptr:x}, {length}")
+    d.const = ctypes.string_at(data_ptr, length)

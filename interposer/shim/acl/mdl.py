@@ -7,8 +7,8 @@ The spellings follow pyACL's rule for the C names (drop `aclmdl`, snake_case the
 from __future__ import annotations
 
 from acl._ret import code, value
-from interposer.runtime import RUNTIME
-from interposer.wire import COMMANDS, Op
+from flexnpu_client.codec import COMMANDS, Op
+from flexnpu_client.runtime import RUNTIME
 
 ACL_MODEL_RI_CAPTURE_MODE_GLOBAL, ACL_MODEL_RI_CAPTURE_MODE_THREAD_LOCAL, ACL_MODEL_RI_CAPTURE_MODE_RELAXED = 0, 1, 2
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from acl._ret import code, value
-from interposer.runtime import RUNTIME
-from interposer.wire import COMMANDS, Op
+from flexnpu_client.codec import COMMANDS, Op
+from flexnpu_client.runtime import RUNTIME
 
 ACL_DEVICE, ACL_HOST = 0, 1
+# aclrtEventStatus, what the older query_event answers
 ACL_EVENT_STATUS_COMPLETE, ACL_EVENT_STATUS_NOT_READY = 0, 1
+# aclrtEventRecordedStatus, what query_event_status answers (aclpythondevg "query_event_status")
+ACL_EVENT_RECORDED_STATUS_NOT_READY, ACL_EVENT_RECORDED_STATUS_COMPLETE = 0, 1
+# aclrtEventWaitStatus, what query_event_wait_status answers
+ACL_EVENT_WAIT_STATUS_COMPLETE, ACL_EVENT_WAIT_STATUS_NOT_READY = 0, 1
+# event flags (create_event_with_flag); every event here can be timed and waited on, whatever its flags
+ACL_EVENT_SYNC, ACL_EVENT_CAPTURE_STREAM_PROGRESS, ACL_EVENT_TIME_LINE = 0x1, 0x2, 0x8
+ACL_CALLBACK_NO_BLOCK, ACL_CALLBACK_BLOCK = 0, 1
 
 
 # -- devices -----------------------------------------------------------------------------------------------
@@ -45,7 +53,7 @@ def get_run_mode() -> int:
 
 @code
 def synchronize_device() -> None:
-    RUNTIME.call(Op.DEVICE_SYNC)
+    RUNTIME.synchronize_device()
 
 
 # -- contexts ----------------------------------------------------------------------------------------------
@@ -91,10 +99,12 @@ def destroy_stream(stream: int) -> None:
 
 @code
 def synchronize_stream(stream: int) -> None:
-    RUNTIME.call(Op.STREAM_SYNC, stream, handle=stream)
+    RUNTIME.synchronize_stream(stream)
 
 
 # -- events ------------------------------------------------------------------------------------------------
+
+_recorded: set[int] = set()  # events with a record_event not undone by reset_event
 
 
 @value(0)
@@ -102,19 +112,31 @@ def create_event() -> int:
     return RUNTIME.create(Op.EVENT_CREATE)
 
 
+@value(0)
+def create_event_with_flag(flag: int) -> int:
+    """Every event here can be waited on, timed and queried, so the flags change nothing."""
+    return RUNTIME.create(Op.EVENT_CREATE)
+
+
+create_event_ex_with_flag = create_event_with_flag  # aclrtCreateEventExWithFlag: the same, without a count limit
+
+
 @code
 def destroy_event(event: int) -> None:
     RUNTIME.destroy(Op.EVENT_DESTROY, event)
+    _recorded.discard(event)
 
 
 @code
 def record_event(event: int, stream: int) -> None:
     RUNTIME.submit(Op.EVENT_RECORD, event, event=event, stream=stream)
+    _recorded.add(event)
 
 
 @code
 def reset_event(event: int, stream: int) -> None:
     RUNTIME.submit(Op.EVENT_RESET, event, event=event, stream=stream)
+    _recorded.discard(event)
 
 
 @code
@@ -127,13 +149,28 @@ def synchronize_event(event: int) -> None:
     RUNTIME.call(Op.EVENT_SYNC, event, handle=event)
 
 
-@value(ACL_EVENT_STATUS_NOT_READY)
+def _completed(event: int) -> bool:
+    return bool(COMMANDS[Op.EVENT_QUERY].reply.parse(RUNTIME.call(Op.EVENT_QUERY, event, handle=event)).completed)
+
+
+@value(ACL_EVENT_RECORDED_STATUS_NOT_READY)
 def query_event_status(event: int) -> int:
-    reply = COMMANDS[Op.EVENT_QUERY].reply.parse(RUNTIME.call(Op.EVENT_QUERY, event, handle=event))
-    return ACL_EVENT_STATUS_COMPLETE if reply.completed else ACL_EVENT_STATUS_NOT_READY
+    """aclrtQueryEventStatus: has the work before the event's record completed? An event never recorded is
+    NOT_READY (aclrtEventRecordedStatus)."""
+    done = _completed(event) and event in _recorded
+    return ACL_EVENT_RECORDED_STATUS_COMPLETE if done else ACL_EVENT_RECORDED_STATUS_NOT_READY
 
 
-query_event = query_event_status  # the older spelling
+@value(ACL_EVENT_STATUS_NOT_READY)
+def query_event(event: int) -> int:
+    """aclrtQueryEvent, the older call, with the older aclrtEventStatus values."""
+    return ACL_EVENT_STATUS_COMPLETE if _completed(event) else ACL_EVENT_STATUS_NOT_READY
+
+
+@value(ACL_EVENT_WAIT_STATUS_NOT_READY)
+def query_event_wait_status(event: int) -> int:
+    """aclrtQueryEventWaitStatus: would a stream waiting on the event go on now?"""
+    return ACL_EVENT_WAIT_STATUS_COMPLETE if _completed(event) else ACL_EVENT_WAIT_STATUS_NOT_READY
 
 
 @value(0.0)
@@ -189,3 +226,26 @@ def memset_async(ptr: int, max_size: int, value: int, count: int, stream: int) -
 def get_mem_info(attr: int) -> tuple[int, int]:
     reply = COMMANDS[Op.MEM_INFO].reply.parse(RUNTIME.call(Op.MEM_INFO, attr=attr))
     return reply.free, reply.total
+
+
+# -- host callbacks (flexnpu_client/reports.py) ------------------------------------------------------------
+
+
+@code
+def subscribe_report(thread_id: int, stream: int) -> None:
+    RUNTIME.reports.subscribe(thread_id, stream)
+
+
+@code
+def unsubscribe_report(thread_id: int, stream: int) -> None:
+    RUNTIME.reports.unsubscribe(thread_id, stream)
+
+
+@code
+def launch_callback(fn, user_data, block_flag: int, stream: int) -> None:
+    RUNTIME.reports.launch(fn, user_data, block_flag == ACL_CALLBACK_BLOCK, stream)
+
+
+@code
+def process_report(timeout: int) -> None:
+    RUNTIME.reports.process(timeout)

@@ -1,80 +1,42 @@
-"""AscendCL runtime semantics on top of Clients: device discovery and numbering, set/reset reference counts,
-the current device and context per thread, which session each handle belongs to, host memory.
+"""AscendCL runtime semantics on top of Clients: set/reset reference counts, the current device and context
+per thread, which session each handle belongs to, host memory, copy directions.
 
-The shim (`interposer/shim/acl`) only maps pyACL spellings and return conventions onto this. Every method
-raises FlexNPUError on failure; the shim turns that into the return code.
-
-Devices a process sees, numbered from 0 as ASCEND_RT_VISIBLE_DEVICES renumbers them on a real host:
-  FLEXNPU_DEVICES   comma-separated device files (set by `vdevctl run --devices`), or virtual NPU names
-                    in direct mode;
-  otherwise         /dev/davinci<N> files that are FlexNPU nodes (a container with bound nodes), else the
-                    davinci<N> files under FLEXNPU_MOUNT (default /dev/flexnpu);
-  FLEXNPU_DIRECT=1  no daemon: the topology of FLEXNPU_CONFIG (default: built in) runs in this process.
+The shim (`acl`) only maps pyACL spellings and return conventions onto this. Every method raises AclCallError
+on failure; the shim turns that into the return code. Which devices a process sees: devices.py;
+FLEXNPU_DIRECT=1 runs the topology of FLEXNPU_CONFIG (default: built in) in this process (direct.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
-import re
-import stat
 import struct
 import threading
 from dataclasses import dataclass
 
-from interposer import wire
-from interposer.client import Client, DirectTransport, FileTransport
-from interposer.handles import is_device_address
-from interposer.translate import Translator
-from interposer.wire import COMMANDS, Op, Reply
-from npu.errors import AclError, FlexNPUError, InvalidParam
+from . import codec
+from .client import Client, FileTransport
+from .codec import COMMANDS, Op, Reply, is_device_address
+from .devices import discover
+from .errors import AclCallError, AclError
+from .reports import Reports
 
-DEFAULT_MOUNT = "/dev/flexnpu"
 PHASES = {"unknown": 0, "prefill": 1, "decode": 2}
 MEMCPY_CHUNK = 64 << 20  # largest copy carried by one record
 
-HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE, DEFAULT = range(5)
-
-
-def _numbered(paths: list[str]) -> list[str]:
-    def key(path: str) -> int:
-        return int(re.search(r"([0-9]+)$", path).group(1))
-
-    return sorted((p for p in paths if re.search(r"/davinci[0-9]+$", p)), key=key)
-
-
-def visible(devices: list[str], spec: str | None) -> list[str]:
-    """Apply ASCEND_RT_VISIBLE_DEVICES: logical ids, parsing stops at the first invalid entry."""
-    if spec is None:
-        return devices
-    chosen = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) >= len(devices) or devices[int(item)] in chosen:
-            break
-        chosen.append(devices[int(item)])
-    return chosen
-
-
-def discover(direct_names: list[str] | None = None) -> list[str]:
-    """Device files (or, in direct mode, virtual NPU names) this process sees, in logical order."""
-    explicit = os.environ.get("FLEXNPU_DEVICES")
-    if explicit:
-        devices = [d.strip() for d in explicit.split(",") if d.strip()]
-    elif direct_names is not None:
-        devices = direct_names
-    else:
-        # Bound FlexNPU nodes are regular files; real driver nodes are character devices and are not ours.
-        bound = [p for p in _numbered(glob.glob("/dev/davinci*")) if stat.S_ISREG(os.stat(p).st_mode)]
-        mount = os.environ.get("FLEXNPU_MOUNT", DEFAULT_MOUNT)
-        devices = bound or _numbered(glob.glob(os.path.join(mount, "davinci*")))
-    return visible(devices, os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
+HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE = range(4)  # aclrtMemcpyKind, and the copy made
+MEMCPY_KINDS = range(8)  # aclrtMemcpyKind, up to ACL_MEMCPY_INTER_DEVICE_TO_DEVICE
+DIRECTIONS = {  # (src on device, dst on device) -> the copy that happens
+    (False, False): HOST_TO_HOST,
+    (False, True): HOST_TO_DEVICE,
+    (True, False): DEVICE_TO_HOST,
+    (True, True): DEVICE_TO_DEVICE,
+}
 
 
 def check(reply: Reply) -> memoryview:
     if reply.status != AclError.SUCCESS:
-        raise FlexNPUError(bytes(reply.payload).decode(errors="replace"), AclError(reply.status))
+        raise AclCallError(bytes(reply.payload).decode(errors="replace"), reply.status)
     return reply.payload
 
 
@@ -100,36 +62,38 @@ class Runtime:
         self._host: dict[int, ctypes.Array] = {}
         self._local = threading.local()
         self._lock = threading.RLock()
+        self.reports = Reports(self)
+        self._constants: dict[tuple[int, bytes], int] = {}  # (device, constant operand) -> its device copy
 
     # -- devices ------------------------------------------------------------------------------------------
 
     @property
     def devices(self) -> list[str]:
         if self._devices is None:
-            names = [v.name for v in self._direct_topology().virtual] if self.direct else None
-            self._devices = discover(names)
+            self._devices = discover(self._direct_topology().names if self.direct else None)
         return self._devices
 
     def _direct_topology(self):
         if self._topology is None:
-            from vdevfs import config  # direct mode only: builds the daemon's topology in this process
+            from .direct import DirectTopology  # direct mode only: loads the rest of FlexNPU
 
-            self._topology = config.build(config.load(self.config), driver="sync")
+            self._topology = DirectTopology(self.config)
         return self._topology
 
     def _connect(self, device: int) -> Client:
         target = self.devices[device]
         if self.direct:
-            vdevs = {v.name: v for v in self._direct_topology().virtual}
-            if target not in vdevs:
-                raise FlexNPUError(f"{target}: no such virtual NPU (have {', '.join(vdevs)})", AclError.RT_NO_DEVICE)
-            return Client(DirectTransport(Translator(vdevs[target], os.getpid())), self.phase)
+            return Client(self._direct_topology().transport(target), self.phase)
         return Client(FileTransport(target), self.phase)
 
     def _check_device(self, device: int) -> None:
         if not 0 <= device < len(self.devices):
-            have = f"0-{len(self.devices) - 1}" if self.devices else "none: is vdevfsd running? see `vdevctl ls`"
-            raise FlexNPUError(
+            have = (
+                f"0-{len(self.devices) - 1}"
+                if self.devices
+                else "none: is vdevfsd running (vdevctl ls)? in a container, is a FlexNPU file bound at /dev/davinciN?"
+            )
+            raise AclCallError(
                 f"device {device} does not exist (this process sees {have})", AclError.RT_INVALID_DEVICEID
             )
 
@@ -137,12 +101,12 @@ class Runtime:
 
     def init(self) -> None:
         if self.initialized:
-            raise FlexNPUError("acl.init called twice", AclError.REPEAT_INITIALIZE)
+            raise AclCallError("acl.init called twice", AclError.REPEAT_INITIALIZE)
         self.initialized = True
 
     def finalize(self) -> None:
         if not self.initialized:
-            raise FlexNPUError("acl.finalize without acl.init (or called twice)", AclError.REPEAT_FINALIZE)
+            raise AclCallError("acl.finalize without acl.init (or called twice)", AclError.REPEAT_FINALIZE)
         with self._lock:
             for device in list(self._opened):
                 self._close(device)
@@ -167,7 +131,7 @@ class Runtime:
             self._check_device(device)
             opened = self._opened.get(device)
             if opened is None:
-                raise FlexNPUError(f"reset_device({device}): the device was not set", AclError.INVALID_PARAM)
+                raise AclCallError(f"reset_device({device}): the device was not set", AclError.INVALID_PARAM)
             opened.refs -= 1
             if force or opened.refs <= 0:
                 self._close(device)
@@ -179,13 +143,26 @@ class Runtime:
         finally:
             opened.client.close()  # closing the session frees everything it held
             self._owner = {h: d for h, d in self._owner.items() if d != device}
+            self._constants = {k: p for k, p in self._constants.items() if k[0] != device}
             if getattr(self._local, "device", None) == device:
                 self._local.device = self._local.context = None
+
+    def chip(self) -> str:
+        """The chip behind the current device, else behind device 0 (asked over a session of its own)."""
+        device = getattr(self._local, "device", None)
+        if device is not None and device in self._opened:
+            return self._opened[device].client.info.chip
+        self._check_device(0)
+        client = self._connect(0)
+        try:
+            return client.info.chip
+        finally:
+            client.close()
 
     def current_device(self) -> int:
         device = getattr(self._local, "device", None)
         if device is None:
-            raise FlexNPUError("no current device: call acl.rt.set_device first", AclError.RT_CONTEXT_NULL)
+            raise AclCallError("no current device: call acl.rt.set_device first", AclError.RT_CONTEXT_NULL)
         return device
 
     def client(self, handle: int = 0) -> Client:
@@ -194,7 +171,7 @@ class Runtime:
         device = self.current_device() if device is None else device
         opened = self._opened.get(device)
         if opened is None:
-            raise FlexNPUError(
+            raise AclCallError(
                 f"device {device} is not set: call acl.rt.set_device({device})", AclError.RT_CONTEXT_NULL
             )
         return opened.client
@@ -207,20 +184,21 @@ class Runtime:
 
     def set_context(self, context: int) -> None:
         if context not in self._owner:
-            raise FlexNPUError(f"context 0x{context:x} does not exist", AclError.RT_INVALID_HANDLE)
+            raise AclCallError(f"context 0x{context:x} does not exist", AclError.RT_INVALID_HANDLE)
         self._local.device, self._local.context = self._owner[context], context
 
     def current_context(self) -> int:
         context = getattr(self._local, "context", None)
         if context is None:
-            raise FlexNPUError("no current context: call acl.rt.set_device or create_context", AclError.RT_CONTEXT_NULL)
+            raise AclCallError("no current context: call acl.rt.set_device or create_context", AclError.RT_CONTEXT_NULL)
         return context
 
     # -- generic calls ------------------------------------------------------------------------------------
 
-    def create(self, op: Op, **args) -> int:
-        """Create a context, stream or event on the current device."""
-        device = self.current_device()
+    def create(self, op: Op, route: int = 0, **args) -> int:
+        """Create a context, stream or event on the device of handle `route` (0: the current device)."""
+        device = self._owner.get(route) if route else None
+        device = self.current_device() if device is None else device
         handle = self._handle(self._opened[device].client.call(op, **args), op)
         self._owner[handle] = device
         return handle
@@ -241,7 +219,22 @@ class Runtime:
         return check(self.client(route).call(op, **args))
 
     def submit(self, op: Op, route: int = 0, data: bytes = b"", landing=None, **args) -> None:
+        if "stream" in args:
+            self.reports.hold(args["stream"])
         self.client(route).submit(op, data, landing, **args)
+
+    def synchronize_stream(self, stream: int) -> None:
+        """The stream's work, then the host callbacks queued on it, are done."""
+        self.call(Op.STREAM_SYNC, stream, handle=stream)
+        self.reports.hold(stream, blocking_only=False)
+
+    def synchronize_device(self) -> None:
+        """The current device's work, then the host callbacks queued on its streams, are done."""
+        self.call(Op.DEVICE_SYNC)
+        device = self.current_device()
+        for stream in self.reports.streams():
+            if self._owner.get(stream, device) == device:
+                self.reports.hold(stream, blocking_only=False)
 
     @staticmethod
     def _handle(reply: Reply, op: Op) -> int:
@@ -254,7 +247,7 @@ class Runtime:
 
     def malloc_host(self, size: int) -> int:
         if size <= 0:
-            raise InvalidParam(f"malloc_host size must be > 0, got {size}")
+            raise AclCallError(f"malloc_host size must be > 0, got {size}")
         buffer = (ctypes.c_char * size)()
         address = ctypes.addressof(buffer)
         self._host[address] = buffer
@@ -262,29 +255,34 @@ class Runtime:
 
     def free_host(self, ptr: int) -> None:
         if self._host.pop(ptr, None) is None:
-            raise InvalidParam(f"free_host(0x{ptr:x}): not a pointer malloc_host returned (or already freed)")
+            raise AclCallError(f"free_host(0x{ptr:x}): not a pointer malloc_host returned (or already freed)")
 
     def memcpy(self, dst: int, dst_max: int, src: int, count: int, kind: int, stream: int | None = None) -> None:
-        """memcpy (stream None) or memcpy_async: host bytes travel in the record, device bytes in the reply."""
+        """memcpy (stream None) or memcpy_async: host bytes travel in the record, device bytes in the reply.
+
+        On current CANN `kind` is a reserved argument: the runtime takes the direction from the two addresses
+        (aclpythondevg_01_0120, "memcpy"), so a kind that contradicts them copies as the addresses say.
+        """
         if count > dst_max:
-            raise InvalidParam(f"memcpy count {count} exceeds dst_max {dst_max}")
+            raise AclCallError(f"memcpy count {count} exceeds dst_max {dst_max}")
         if count < 0:
-            raise InvalidParam(f"memcpy count must be >= 0, got {count}")
-        if kind == DEFAULT:
-            kind = {
-                (False, False): HOST_TO_HOST,
-                (False, True): HOST_TO_DEVICE,
-                (True, False): DEVICE_TO_HOST,
-                (True, True): DEVICE_TO_DEVICE,
-            }[is_device_address(src), is_device_address(dst)]
-        if kind not in (HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE):
-            raise InvalidParam(f"memcpy kind {kind} is not an aclrtMemcpyKind (0-4)")
+            raise AclCallError(f"memcpy count must be >= 0, got {count}")
+        if kind not in MEMCPY_KINDS:
+            raise AclCallError(f"memcpy kind {kind} is not an aclrtMemcpyKind (0-{max(MEMCPY_KINDS)})")
+        kind = DIRECTIONS[is_device_address(src), is_device_address(dst)]
         if kind == HOST_TO_HOST:
+            self._host_in_order(stream)
             ctypes.memmove(dst, src, count)
             return
         for offset in range(0, count, MEMCPY_CHUNK) if count else [0]:
             n = min(MEMCPY_CHUNK, count - offset)
             self._copy_chunk(dst + offset, src + offset, n, kind, stream)
+
+    def _host_in_order(self, stream: int | None) -> None:
+        """Host-side work queued on a stream runs after everything before it: wait for the stream here."""
+        if stream is not None:
+            self.reports.hold(stream)
+            self.call(Op.STREAM_SYNC, stream, handle=stream)
 
     def _copy_chunk(self, dst: int, src: int, n: int, kind: int, stream: int | None) -> None:
         if stream is None:
@@ -305,14 +303,32 @@ class Runtime:
         self.submit(op, stream, data, landing, stream=stream, dst=dst, src=src, count=n)
 
     def memset(self, ptr: int, max_size: int, value: int, count: int, stream: int | None = None) -> None:
+        """Device memory is set by the daemon; host memory (malloc_host, or any host address: the pyACL docs
+        accept both, aclpythondevg "memset") is set here, in stream order."""
         if count > max_size:
-            raise InvalidParam(f"memset count {count} exceeds max {max_size}")
-        if stream is None:
+            raise AclCallError(f"memset count {count} exceeds max {max_size}")
+        if not is_device_address(ptr):
+            if not 0 <= value <= 0xFF:
+                raise AclCallError(f"memset value {value} is not a byte (0-255)")
+            self._host_in_order(stream)
+            ctypes.memset(ptr, value, count)
+        elif stream is None:
             self.call(Op.MEMSET, ptr=ptr, value=value, count=count)
         else:
             self.submit(Op.MEMSET_ASYNC, stream, stream=stream, ptr=ptr, value=value, count=count)
 
     # -- operators ----------------------------------------------------------------------------------------
+
+    def constant(self, data: bytes) -> int:
+        """The device address of a constant operand (set_tensor_const), uploaded once per device and session."""
+        key = (self.current_device(), data)
+        if key not in self._constants:
+            ptr = self.malloc(len(data), 0)
+            self.memcpy(
+                ptr, len(data), ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value, len(data), HOST_TO_DEVICE
+            )
+            self._constants[key] = ptr
+        return self._constants[key]
 
     def launch(self, op_type: str, ins: list, outs: list, attrs: dict, stream: int) -> None:
         """Launch an operator. ins/outs: (dtype, format, dims, device address) per operand; attrs: name ->
@@ -323,15 +339,11 @@ class Runtime:
         template = client.templates.get(key)
         if template is None:
             template = client.templates[key] = len(client.templates) + 1
-            description = wire.OpDescription.build(
-                {
-                    "op_type": op_type,
-                    "inputs": [{"dtype": d, "format": f, "dims": list(dims)} for d, f, dims, _ in ins],
-                    "outputs": [{"dtype": d, "format": f, "dims": list(dims)} for d, f, dims, _ in outs],
-                    "attrs": [{"name": n, "kind": k, "value": v} for n, (k, v) in attrs.items()],
-                }
+            description = codec.op_description(
+                op_type, [(d, f, dims) for d, f, dims, _ in ins], [(d, f, dims) for d, f, dims, _ in outs], attrs
             )
             client.submit(Op.OP_TEMPLATE, description, template=template)
+        self.reports.hold(stream)
         addresses = [ptr for *_, ptr in (*ins, *outs)]
         packed = struct.pack(f"<{len(addresses)}Q", *addresses)
         client.submit(Op.OP_LAUNCH, packed, stream=stream, template=template, count=len(addresses))

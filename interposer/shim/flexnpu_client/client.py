@@ -2,7 +2,7 @@
 next synchronous call, and lands the bytes of asynchronous device-to-host copies in host memory.
 
 Transports: a virtual device file (the daemon) or an in-process translator (direct mode, the passthrough
-baseline). Both carry the same frames.
+baseline, in direct.py). Both carry the same frames.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from construct import ConstructError
-
-from interposer import wire
-from interposer.session import answer_sync
-from interposer.translate import Translator
-from interposer.wire import COMMANDS, Body, FrameBuffer, Op, Parts, Reply
-from npu.errors import AclError, FlexNPUError, InvalidParam, ProtocolError
+from . import codec
+from .codec import COMMANDS, Op, Reply
+from .errors import AclCallError, AclError
 
 FLUSH_RECORDS = 4096  # send a batch early once it is this long ...
 FLUSH_BYTES = 8 << 20  # ... or this big, so a long async burst never holds unbounded memory
@@ -31,10 +27,10 @@ IOV_MAX = 1024
 
 
 class Transport(Protocol):
-    def send(self, frame: Parts) -> None:
+    def send(self, frame: list) -> None:
         """A frame of asynchronous records only: no reply."""
 
-    def call(self, frame: Parts | bytes) -> memoryview:
+    def call(self, frame: list | bytes) -> memoryview:
         """A frame ending in a synchronous record: returns the reply frame's body."""
 
     def close(self) -> None: ...
@@ -46,13 +42,13 @@ class FileTransport:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise FlexNPUError(
+            raise AclCallError(
                 f"{path}: cannot open the virtual device ({exc.strerror}); is vdevfsd running? see `vdevctl ls`",
                 AclError.RT_NO_DEVICE,
             ) from None
         self._body = bytearray()
 
-    def send(self, frame: Parts | bytes) -> None:
+    def send(self, frame: list | bytes) -> None:
         try:
             if isinstance(frame, bytes):
                 os.write(self.fd, frame)  # FUSE takes a write whole or fails it
@@ -65,68 +61,44 @@ class FileTransport:
                 raise self._refusal() from None
             raise self._lost("the daemon refused a frame", exc) from None
 
-    def _refusal(self) -> FlexNPUError:
+    def _refusal(self) -> AclCallError:
         """The daemon answers a frame it cannot decode with EINVAL and leaves the reason in a reply."""
         try:
-            reply = wire.decode_replies(memoryview(os.read(self.fd, FIRST_READ))[wire.FRAME_HEADER_SIZE :])[0]
-            return FlexNPUError(f"{self.path}: daemon refused a frame: {bytes(reply.payload).decode()}", reply.status)
+            reply = codec.decode_replies(memoryview(os.read(self.fd, FIRST_READ))[codec.FRAME_HEADER_SIZE :])[0]
+            return AclCallError(f"{self.path}: daemon refused a frame: {bytes(reply.payload).decode()}", reply.status)
         except (OSError, IndexError, ValueError, struct.error):
-            return FlexNPUError(f"{self.path}: daemon refused a frame (EINVAL)", AclError.INVALID_PARAM)
+            return AclCallError(f"{self.path}: daemon refused a frame (EINVAL)", AclError.INVALID_PARAM)
 
-    def call(self, frame: Parts | bytes) -> memoryview:
+    def call(self, frame: list | bytes) -> memoryview:
         """Send, then read the reply: headers first (small reads are cheap), then the body straight into one
         buffer, since a read of N bytes costs the kernel N bytes of pinned pages whatever comes back."""
         self.send(frame)
         try:
             first = os.read(self.fd, FIRST_READ)
-            if len(first) < wire.FRAME_HEADER_SIZE:
-                raise FlexNPUError(f"{self.path}: the daemon sent no (whole) reply", AclError.RT_SOCKET_CLOSE)
-            _, length = wire.check_header(first)
-            if len(first) - wire.FRAME_HEADER_SIZE >= length:
-                return memoryview(first)[wire.FRAME_HEADER_SIZE : wire.FRAME_HEADER_SIZE + length]
+            if len(first) < codec.FRAME_HEADER_SIZE:
+                raise AclCallError(f"{self.path}: the daemon sent no (whole) reply", AclError.RT_SOCKET_CLOSE)
+            length = codec.check_header(first)
+            if len(first) - codec.FRAME_HEADER_SIZE >= length:
+                return memoryview(first)[codec.FRAME_HEADER_SIZE : codec.FRAME_HEADER_SIZE + length]
             if len(self._body) < length:
                 self._body = bytearray(length)  # reused: a fresh 64 MiB buffer costs more in page faults than a copy
-            have = len(first) - wire.FRAME_HEADER_SIZE
+            have = len(first) - codec.FRAME_HEADER_SIZE
             view = memoryview(self._body)[:length]
-            view[:have] = first[wire.FRAME_HEADER_SIZE :]
+            view[:have] = first[codec.FRAME_HEADER_SIZE :]
             while have < length:
                 n = os.readv(self.fd, [view[have:]])
                 if n == 0:
-                    raise FlexNPUError(f"{self.path}: the reply was cut short", AclError.RT_SOCKET_CLOSE)
+                    raise AclCallError(f"{self.path}: the reply was cut short", AclError.RT_SOCKET_CLOSE)
                 have += n
             return view
         except OSError as exc:
             raise self._lost("reading the reply failed", exc) from None
 
-    def _lost(self, what: str, exc: OSError) -> FlexNPUError:
-        return FlexNPUError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
+    def _lost(self, what: str, exc: OSError) -> AclCallError:
+        return AclCallError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class DirectTransport:
-    """No daemon: the same frames go straight to an in-process translator, waits run in this thread."""
-
-    def __init__(self, translator: Translator) -> None:
-        self.translator = translator
-        self._frames = FrameBuffer()
-        self._replies = FrameBuffer()
-
-    def send(self, frame: Parts) -> None:
-        self.call(frame)
-
-    def call(self, frame: Parts | bytes) -> memoryview | Body:
-        reply: Parts = []
-        for part in [frame] if isinstance(frame, bytes) else frame:
-            for count, body in self._frames.feed(part):
-                reply = answer_sync(self.translator, wire.decode_records(count, body)) or []
-        # The reply is reassembled as the FUSE client would, without copying its parts.
-        bodies = [body for part in reply for _, body in self._replies.feed(part)]
-        return bodies[0] if bodies else memoryview(b"")
-
-    def close(self) -> None:
-        self.translator.close()
 
 
 @dataclass(frozen=True)
@@ -148,8 +120,10 @@ class Client:
         self._batch_bytes = 0
         self._landing: dict[int, tuple[int, int]] = {}  # async D2H seq -> (host address, count)
         self.templates: dict[tuple, int] = {}  # operator description -> template id sent on this session
-        reply = self.call(Op.HELLO, version=wire.PROTOCOL_VERSION, phase=phase, pad=0, pid=os.getpid())
-        hello = COMMANDS[Op.HELLO].reply.parse(reply.payload)
+        reply = self.call(Op.HELLO, version=codec.PROTOCOL_VERSION, phase=phase, pad=0, pid=os.getpid())
+        if reply.status != AclError.SUCCESS:
+            raise AclCallError(bytes(reply.payload).decode(errors="replace"), reply.status)
+        hello = codec.hello_reply(reply.payload)
         self.info = DeviceInfo(hello.name, hello.chip, hello.total_memory)
 
     def submit(self, op: Op, data: bytes | memoryview = b"", landing: tuple[int, int] | None = None, **args) -> int:
@@ -171,20 +145,20 @@ class Client:
         with self._lock:
             if self._batch_records or data:
                 seq = self._queue(op, data, args)
-                frame: Parts | bytes = wire.frame(self._batch, self._batch_records)
+                frame: list | bytes = codec.frame(self._batch, self._batch_records)
                 self._clear()
             else:  # nothing batched: the whole frame in one pack
                 seq = self._seq + 1
                 frame = COMMANDS[op].solo_frame(seq, args)
                 self._seq = seq
             result = None
-            for reply in wire.decode_replies(self.transport.call(frame)):
+            for reply in codec.decode_replies(self.transport.call(frame)):
                 if reply.seq == seq:
                     result = reply
                 else:
                     self._land(reply)
             if result is None:
-                raise ProtocolError(f"no reply to record seq {seq} ({op.name})")
+                raise AclCallError(f"no reply to record seq {seq} ({op.name})")
             if into is not None and result.status == AclError.SUCCESS:
                 _copy_to(into, result.payload)
                 return Reply(result.seq, result.status, b"")
@@ -205,10 +179,7 @@ class Client:
             self.transport.close()
 
     def _queue(self, op: Op, data, args) -> int:
-        try:
-            parts = wire.encode_record(COMMANDS[op], self._seq + 1, data, **args)
-        except ConstructError as exc:
-            raise InvalidParam(f"{op.name}: an argument does not fit the call: {exc}") from None
+        parts = COMMANDS[op].record(self._seq + 1, data, args)
         self._seq += 1
         self._batch += parts
         self._batch_records += 1
@@ -217,7 +188,7 @@ class Client:
 
     def _flush(self) -> None:
         if self._batch_records:
-            frame = wire.frame(self._batch, self._batch_records)
+            frame = codec.frame(self._batch, self._batch_records)
             self._clear()
             self.transport.send(frame)
 
