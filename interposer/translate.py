@@ -20,6 +20,7 @@ from construct import ConstructError
 
 from interposer import wire
 from interposer.handles import HandleTable, Kind
+from interposer.limits import CoreLimits
 from interposer.topology import VirtualNPU
 from interposer.wire import Op, Record
 from npu.emulated import dtypes
@@ -82,6 +83,7 @@ class Translator:
         self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
         self.templates: dict[int, Kernel | FlexNPUError] = {}  # operator descriptions, by the client's id
         self.capturing: dict[Stream, Graph] = {}  # streams whose work is being captured into a graph
+        self.limits = CoreLimits(vdev.physical.npu.profile)
         self.default_stream = self._open_stream()
         self.log = log.bind(session=self.id, pid=pid, device=vdev.name)
         vdev.sessions.append(self)
@@ -166,6 +168,7 @@ class Translator:
 
     def _open_stream(self) -> Stream:
         stream = Stream(phase=self._phase())
+        self.limits.apply(stream)
         self.runner.engine.add_stream(stream)
         return stream
 
@@ -200,7 +203,7 @@ class Translator:
 
         return Wait(self.runner, lambda: stream.idle, then)
 
-    def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task]) -> None:
+    def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task], limits: Stream | None = None) -> None:
         try:
             task = make_task()
         except FlexNPUError as exc:
@@ -215,7 +218,7 @@ class Translator:
         if graph is not None:
             graph.tasks.append(task)
         else:
-            self.runner.submit(TaskEntry(stream, seq, task=task))
+            self.runner.submit(TaskEntry(stream, seq, task=task, limits=limits))
 
     def _not_capturing(self, stream: Stream, what: str) -> None:
         if stream in self.capturing:
@@ -282,9 +285,25 @@ class Translator:
         def destroy() -> Answer:
             self.handles.remove(args.handle, Kind.STREAM)
             self.runner.engine.remove_stream(stream)
+            self.limits.forget(stream)
             return OK
 
         return destroy() if stream.idle else Wait(self.runner, lambda: stream.idle, destroy)
+
+    def _stream_limit_set(self, seq, args, data):
+        self.limits.set_stream(self._stream(args.stream), args.kind, args.value)
+        return OK
+
+    def _stream_limit_get(self, seq, args, data):
+        value = self.limits.get_stream(self._stream(args.stream), args.kind)
+        return ok(wire.COMMANDS[Op.STREAM_LIMIT_GET], value=value)
+
+    def _device_limit_set(self, seq, args, data):
+        self.limits.set_device(args.kind, args.value, self._streams())
+        return OK
+
+    def _device_limit_get(self, seq, args, data):
+        return ok(wire.COMMANDS[Op.DEVICE_LIMIT_GET], value=self.limits.get_device(args.kind))
 
     def _stream_sync(self, seq, args, data):
         stream = self._stream(args.handle)
@@ -450,7 +469,8 @@ class Translator:
         self.templates[args.template] = kernel
 
     def _op_launch(self, seq, args, data):
-        self._submit(self._stream(args.stream), seq, lambda: self._kernel_task(args, data))
+        limits = None if args.limits == wire.OWN_LIMITS else self._stream(args.limits)
+        self._submit(self._stream(args.stream), seq, lambda: self._kernel_task(args, data), limits)
 
     def _kernel_task(self, args, data) -> KernelTask:
         kernel = self.templates.get(args.template)
@@ -513,6 +533,10 @@ class Translator:
         Op.STREAM_DESTROY: _stream_destroy,
         Op.STREAM_SYNC: _stream_sync,
         Op.DEVICE_SYNC: _device_sync,
+        Op.STREAM_LIMIT_SET: _stream_limit_set,
+        Op.STREAM_LIMIT_GET: _stream_limit_get,
+        Op.DEVICE_LIMIT_SET: _device_limit_set,
+        Op.DEVICE_LIMIT_GET: _device_limit_get,
         Op.EVENT_CREATE: _event_create,
         Op.EVENT_DESTROY: _event_destroy,
         Op.EVENT_RECORD: _event_record,

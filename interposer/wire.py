@@ -50,7 +50,7 @@ from construct import (
 
 from npu.errors import InvalidParam, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: core limits (STREAM_LIMIT_*, DEVICE_LIMIT_*, OpLaunch.limits)
 MAGIC = b"FNPU"
 MAX_FRAME = 256 << 20  # the client splits bigger copies into several records
 
@@ -146,6 +146,10 @@ class Op(IntEnum):
     STREAM_DESTROY = 21
     STREAM_SYNC = 22
     DEVICE_SYNC = 23
+    STREAM_LIMIT_SET = 24
+    STREAM_LIMIT_GET = 25
+    DEVICE_LIMIT_SET = 26
+    DEVICE_LIMIT_GET = 27
     EVENT_CREATE = 30
     EVENT_DESTROY = 31
     EVENT_RECORD = 32
@@ -220,6 +224,8 @@ _Fill = layout("Fill", "ptr" / Int64ul, "value" / Int32ul, "count" / Int64ul)
 _StreamCopy = layout("StreamCopy", "stream" / Int64ul, "dst" / Int64ul, "src" / Int64ul, "count" / Int64ul)
 _StreamFill = layout("StreamFill", "stream" / Int64ul, "ptr" / Int64ul, "value" / Int32ul, "count" / Int64ul)
 _EventStream = layout("EventStream", "event" / Int64ul, "stream" / Int64ul)
+_Limit = layout("Limit", "value" / Int32ul)
+OWN_LIMITS = (1 << 64) - 1  # OpLaunch.limits: the launch's own stream's (0 names the default stream)
 
 COMMANDS: dict[Op, Command] = {
     c.op: c
@@ -241,6 +247,11 @@ COMMANDS: dict[Op, Command] = {
         _c(Op.STREAM_DESTROY, Handle),
         _c(Op.STREAM_SYNC, Handle),
         _c(Op.DEVICE_SYNC, Empty),
+        # Core limits (aclrtSetStreamResLimit / aclrtSetDeviceResLimit): `kind` is an aclrtDevResLimitType.
+        _c(Op.STREAM_LIMIT_SET, layout("StreamLimit", "stream" / Int64ul, "kind" / Int32ul, "value" / Int32ul)),
+        _c(Op.STREAM_LIMIT_GET, layout("StreamLimitQuery", "stream" / Int64ul, "kind" / Int32ul), _Limit),
+        _c(Op.DEVICE_LIMIT_SET, layout("DeviceLimit", "kind" / Int32ul, "value" / Int32ul)),
+        _c(Op.DEVICE_LIMIT_GET, layout("DeviceLimitQuery", "kind" / Int32ul), _Limit),
         _c(Op.EVENT_CREATE, Empty, Handle),
         _c(Op.EVENT_DESTROY, Handle),
         _c(Op.EVENT_RECORD, _EventStream, sync=False),
@@ -266,10 +277,11 @@ COMMANDS: dict[Op, Command] = {
         _c(Op.MEMSET_ASYNC, _StreamFill, sync=False),
         # An operator's description once per session (bulk: an OpDescription), then launches naming it by
         # template id with their buffer addresses (bulk: `count` little-endian u64), so a launch stays small.
+        # `limits`: the stream whose core limits apply (aclrtUseStreamResInCurrentThread), or OWN_LIMITS.
         _c(Op.OP_TEMPLATE, layout("OpTemplate", "template" / Int32ul), sync=False, bulk=True),
         _c(
             Op.OP_LAUNCH,
-            layout("OpLaunch", "stream" / Int64ul, "template" / Int32ul, "count" / Int32ul),
+            layout("OpLaunch", "stream" / Int64ul, "template" / Int32ul, "count" / Int32ul, "limits" / Int64ul),
             sync=False,
             bulk=True,
         ),

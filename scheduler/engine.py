@@ -134,9 +134,10 @@ class Engine:
         for d in chosen:
             entry, stream = d.entry, d.entry.stream
             assert entry.task is not None
-            # The stream's own limit (set by its client) is a ceiling no policy lifts.
-            cube = min(d.cube, stream.cube_limit or profile.ai_cores)
-            vector = min(d.vector, stream.vector_limit or profile.vector_cores)
+            # The limit its client set is a ceiling no policy lifts.
+            holder = entry.limits or stream
+            cube = min(d.cube, holder.cube_limit or profile.ai_cores)
+            vector = min(d.vector, holder.vector_limit or profile.vector_cores)
             entry.job = Job(entry.task, cube, vector, owner=entry)
             stream.running = entry
             self.running.append(entry)

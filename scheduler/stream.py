@@ -68,6 +68,7 @@ class Entry:
 @dataclass(eq=False, slots=True)
 class TaskEntry(Entry):
     task: Task | None = None
+    limits: Stream | None = None  # the stream whose core limits apply, if not its own (a thread's res stream)
     job: Job | None = None  # once handed to the chip: its core limits, start and finish times
 
 

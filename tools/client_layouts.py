@@ -39,6 +39,7 @@ def render() -> str:
         "RECORD_HEADER": _layout(wire.RecordHeader),
         "REPLY_HEADER": _layout(wire.ReplyHeader),
         "DEVICE_VA_BASE": handles.DEVICE_VA_BASE,
+        "OWN_LIMITS": wire.OWN_LIMITS,
         "ATTR_KINDS": {k.name: int(k) for k in wire.AttrKind},
         "ACL_ERRORS": {e.name: int(e) for e in AclError},
         # name: (op number, _IOC cmd, request layout, reply layout or None when variable, sync, bulk)

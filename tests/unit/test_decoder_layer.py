@@ -128,3 +128,39 @@ def test_a_blocking_copy_is_work_on_the_host_link(runtime):
     chunks = -(-size // MEMCPY_CHUNK)
     modeled = elapsed_ms(runtime, 0, lambda: runtime.memcpy(dev, size, host, size, 1))
     assert modeled == pytest.approx((size / link + chunks * OVERHEAD) * 1e3, rel=1e-6)  # 1.34 ms
+
+
+def _gemm(runtime: Runtime, n: int):
+    """A bf16 n^3 GEMM's kernel, and a function launching it on a stream."""
+    a, b, c = ((BF16, ND, (n, n), runtime.malloc(2 * n * n, 0)) for _ in range(3))
+
+    def launch(stream: int) -> None:
+        runtime.launch("MatMulV2", [a, b], [c], {}, stream)
+
+    return kernel("MatMulV2", [bf16(n, n), bf16(n, n)], [bf16(n, n)], {}), launch
+
+
+def test_a_streams_core_limit_holds_its_kernels_to_that_many_cores(runtime):
+    """aclrtSetStreamResLimit: a 4096^3 GEMM (512 tiles) on a stream limited to 6 cube cores runs as 6 blocks."""
+    stream = runtime.create(Op.STREAM_CREATE, priority=0, flag=0)
+    gemm, launch = _gemm(runtime, 4096)
+    whole = elapsed_ms(runtime, stream, lambda: launch(stream))
+    runtime.call(Op.STREAM_LIMIT_SET, stream, stream=stream, kind=0, value=6)
+    limited = elapsed_ms(runtime, stream, lambda: launch(stream))
+    assert whole == pytest.approx(alone(B2, gemm.cost) * 1e3, rel=1e-6)
+    assert limited == pytest.approx(alone(B2, gemm.cost, cube_limit=6) * 1e3, rel=1e-6)
+    assert limited > 3.5 * whole  # 86 tiles per block instead of 22
+
+
+def test_a_thread_can_take_another_streams_limits(runtime):
+    """aclrtUseStreamResInCurrentThread: kernels launched from this thread take that stream's limits."""
+    stream, limited = (runtime.create(Op.STREAM_CREATE, priority=0, flag=0) for _ in range(2))
+    runtime.call(Op.STREAM_LIMIT_SET, limited, stream=limited, kind=0, value=6)
+    gemm, launch = _gemm(runtime, 4096)
+    runtime.use_stream_limits(limited)
+    try:
+        taken = elapsed_ms(runtime, stream, lambda: launch(stream))
+    finally:
+        runtime.use_stream_limits(None)
+    assert taken == pytest.approx(alone(B2, gemm.cost, cube_limit=6) * 1e3, rel=1e-6)
+    assert elapsed_ms(runtime, stream, lambda: launch(stream)) == pytest.approx(alone(B2, gemm.cost) * 1e3, rel=1e-6)

@@ -289,3 +289,37 @@ def test_failed_calls_print_nothing_unless_the_cann_log_says_so(acl, capfd, monk
     monkeypatch.setenv("ASCEND_GLOBAL_LOG_LEVEL", "1")
     acl.app_log(1, "app info")
     assert capfd.readouterr().out.startswith("[INFO] APP(")
+
+
+# -- core limits -----------------------------------------------------------------------------------------
+
+CUBE_CORE, VECTOR_CORE = 0, 1  # aclrtDevResLimitType
+ACL_ERROR_INVALID_PARAM = 100000
+
+
+def test_a_streams_core_limit_is_its_own_else_the_processs_else_the_chips(acl, stream):
+    # aclpythondevg_01_1135 "get_stream_res_limit": without set_stream_res_limit, the process's device limit
+    # (set_device_res_limit) comes first, then the hardware default.
+    assert ok(acl.rt.get_stream_res_limit(stream, CUBE_CORE)) == 24  # the default device is a 910B2
+    assert ok(acl.rt.get_stream_res_limit(stream, VECTOR_CORE)) == 48
+    assert acl.rt.set_device_res_limit(0, CUBE_CORE, 12) == ACL_SUCCESS
+    try:
+        assert ok(acl.rt.get_device_res_limit(0, CUBE_CORE)) == 12
+        assert ok(acl.rt.get_stream_res_limit(stream, CUBE_CORE)) == 12
+        # aclpythondevg "set_stream_res_limit": the last setting of a stream wins.
+        assert acl.rt.set_stream_res_limit(stream, CUBE_CORE, 8) == ACL_SUCCESS
+        assert acl.rt.set_stream_res_limit(stream, CUBE_CORE, 6) == ACL_SUCCESS
+        assert ok(acl.rt.get_stream_res_limit(stream, CUBE_CORE)) == 6
+        assert ok(acl.rt.get_stream_res_limit(0, CUBE_CORE)) == 12  # 0: the default stream
+        assert acl.rt.use_stream_res_in_current_thread(stream) == ACL_SUCCESS
+        assert acl.rt.unuse_stream_res_in_current_thread(stream) == ACL_SUCCESS
+    finally:
+        assert acl.rt.set_device_res_limit(0, CUBE_CORE, 24) == ACL_SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "named"), [(2, 4, "aclrtDevResLimitType"), (CUBE_CORE, 0, "1-24"), (VECTOR_CORE, 49, "1-48")]
+)
+def test_a_core_limit_out_of_range_is_refused_naming_the_range(acl, stream, kind, value, named):
+    assert acl.rt.set_stream_res_limit(stream, kind, value) == ACL_ERROR_INVALID_PARAM
+    assert named in acl.get_recent_err_msg()

@@ -228,6 +228,43 @@ def get_mem_info(attr: int) -> tuple[int, int]:
     return reply.free, reply.total
 
 
+# -- core limits: how many cube / vector cores a stream's kernels may use (Ascend's lever for sharing a chip) --
+
+ACL_RT_DEV_RES_CUBE_CORE, ACL_RT_DEV_RES_VECTOR_CORE = 0, 1  # aclrtDevResLimitType
+
+
+@code
+def set_stream_res_limit(stream: int, type: int, value: int) -> None:  # noqa: A002  (pyACL's parameter name)
+    RUNTIME.call(Op.STREAM_LIMIT_SET, stream, stream=stream, kind=type, value=value)
+
+
+@value(0)
+def get_stream_res_limit(stream: int, type: int) -> int:  # noqa: A002
+    reply = RUNTIME.call(Op.STREAM_LIMIT_GET, stream, stream=stream, kind=type)
+    return COMMANDS[Op.STREAM_LIMIT_GET].reply.parse(reply).value
+
+
+@code
+def use_stream_res_in_current_thread(stream: int) -> None:
+    RUNTIME.use_stream_limits(stream)
+
+
+@code
+def unuse_stream_res_in_current_thread(stream: int) -> None:
+    RUNTIME.use_stream_limits(None)
+
+
+@code
+def set_device_res_limit(device_id: int, type: int, value: int) -> None:  # noqa: A002
+    RUNTIME.device_call(device_id, Op.DEVICE_LIMIT_SET, kind=type, value=value)
+
+
+@value(0)
+def get_device_res_limit(device_id: int, type: int) -> int:  # noqa: A002
+    reply = RUNTIME.device_call(device_id, Op.DEVICE_LIMIT_GET, kind=type)
+    return COMMANDS[Op.DEVICE_LIMIT_GET].reply.parse(reply).value
+
+
 # -- host callbacks (flexnpu_client/reports.py) ------------------------------------------------------------
 
 

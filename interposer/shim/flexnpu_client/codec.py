@@ -15,6 +15,7 @@ from .errors import AclCallError, AclError
 
 PROTOCOL_VERSION = layouts.PROTOCOL_VERSION
 MAGIC = layouts.MAGIC
+OWN_LIMITS = layouts.OWN_LIMITS
 FRAME_HEADER = struct.Struct(layouts.FRAME_HEADER[0])
 RECORD_HEADER = struct.Struct(layouts.RECORD_HEADER[0])
 REPLY_HEADER = struct.Struct(layouts.REPLY_HEADER[0])

@@ -2,13 +2,14 @@
 npu/errors.py: do not edit. Layouts are (struct format, field names, constant fields).
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b'FNPU'
 MAX_FRAME = 268435456
 FRAME_HEADER = ('<4sHHLL', ('magic', 'version', 'flags', 'count', 'length'), {})
 RECORD_HEADER = ('<LLL', ('cmd', 'seq', 'length'), {})
 REPLY_HEADER = ('<LLL', ('seq', 'status', 'length'), {})
 DEVICE_VA_BASE = 1152921504606846976
+OWN_LIMITS = 18446744073709551615
 ATTR_KINDS = {'INT': 0, 'FLOAT': 1, 'BOOL': 2, 'STRING': 3, 'LIST_INT': 4, 'LIST_FLOAT': 5, 'LIST_BOOL': 6}
 ACL_ERRORS = {'SUCCESS': 0,
  'INVALID_PARAM': 100000,
@@ -55,6 +56,10 @@ COMMANDS = {'HELLO': (1, 3221767681, ('<HBBL', ('version', 'phase', 'pad', 'pid'
  'STREAM_DESTROY': (21, 3221767701, ('<Q', ('handle',), {}), ('<', (), {}), True, False),
  'STREAM_SYNC': (22, 3221767702, ('<Q', ('handle',), {}), ('<', (), {}), True, False),
  'DEVICE_SYNC': (23, 3221243415, ('<', (), {}), ('<', (), {}), True, False),
+ 'STREAM_LIMIT_SET': (24, 3222291992, ('<QLL', ('stream', 'kind', 'value'), {}), ('<', (), {}), True, False),
+ 'STREAM_LIMIT_GET': (25, 3222029849, ('<QL', ('stream', 'kind'), {}), ('<L', ('value',), {}), True, False),
+ 'DEVICE_LIMIT_SET': (26, 3221767706, ('<LL', ('kind', 'value'), {}), ('<', (), {}), True, False),
+ 'DEVICE_LIMIT_GET': (27, 3221505563, ('<L', ('kind',), {}), ('<L', ('value',), {}), True, False),
  'EVENT_CREATE': (30, 3221243422, ('<', (), {}), ('<Q', ('handle',), {}), True, False),
  'EVENT_DESTROY': (31, 3221767711, ('<Q', ('handle',), {}), ('<', (), {}), True, False),
  'EVENT_RECORD': (32, 1074808352, ('<QQ', ('event', 'stream'), {}), ('<', (), {}), False, False),
@@ -85,7 +90,12 @@ COMMANDS = {'HELLO': (1, 3221767681, ('<HBBL', ('version', 'phase', 'pad', 'pid'
                       False),
  'MEMSET_ASYNC': (57, 1075594809, ('<QQLQ', ('stream', 'ptr', 'value', 'count'), {}), ('<', (), {}), False, False),
  'OP_TEMPLATE': (60, 1074021948, ('<L', ('template',), {}), ('<', (), {}), False, True),
- 'OP_LAUNCH': (61, 1074808381, ('<QLL', ('stream', 'template', 'count'), {}), ('<', (), {}), False, True),
+ 'OP_LAUNCH': (61,
+               1075332669,
+               ('<QLLQ', ('stream', 'template', 'count', 'limits'), {}),
+               ('<', (), {}),
+               False,
+               True),
  'GRAPH_CAPTURE_BEGIN': (70, 3222029894, ('<QL', ('stream', 'mode'), {}), ('<', (), {}), True, False),
  'GRAPH_CAPTURE_END': (71, 3221767751, ('<Q', ('stream',), {}), ('<Q', ('handle',), {}), True, False),
  'GRAPH_LAUNCH': (72, 1074808392, ('<QQ', ('graph', 'stream'), {}), ('<', (), {}), False, False),

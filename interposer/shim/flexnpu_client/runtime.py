@@ -346,7 +346,34 @@ class Runtime:
         self.reports.hold(stream)
         addresses = [ptr for *_, ptr in (*ins, *outs)]
         packed = struct.pack(f"<{len(addresses)}Q", *addresses)
-        client.submit(Op.OP_LAUNCH, packed, stream=stream, template=template, count=len(addresses))
+        limits = getattr(self._local, "limits", None)
+        client.submit(
+            Op.OP_LAUNCH,
+            packed,
+            stream=stream,
+            template=template,
+            count=len(addresses),
+            limits=codec.OWN_LIMITS if limits is None else limits,
+        )
+
+    # -- core limits --------------------------------------------------------------------------------------
+
+    def use_stream_limits(self, stream: int | None) -> None:
+        """aclrtUseStreamResInCurrentThread (None: aclrtUnuseStreamResInCurrentThread): operators launched
+        from this thread take `stream`'s core limits, whatever stream they go on."""
+        if stream is not None:
+            self.client(stream)  # a stream of a device this process has set
+        self._local.limits = stream
+
+    def device_call(self, device: int, op: Op, **args) -> memoryview:
+        """A call about a device as a whole (aclrtSetDeviceResLimit names one): it must be set."""
+        self._check_device(device)
+        opened = self._opened.get(device)
+        if opened is None:
+            raise AclCallError(
+                f"device {device} is not set: call acl.rt.set_device({device})", AclError.RT_CONTEXT_NULL
+            )
+        return check(opened.client.call(op, **args))
 
 
 def _frozen(attrs: dict) -> list:
