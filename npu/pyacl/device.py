@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from npu.emulated import dtypes
 from npu.emulated.ops import KernelTask
-from npu.errors import AclError, FlexNPUError, InvalidParam, OutOfMemory
+from npu.errors import AclError, FlexNPUError, InvalidParam, NotSupported, OutOfMemory
 from npu.executor import Job
 from npu.memory import Buffer, rounded_size
 from npu.profiles import ChipProfile
-from npu.tasks import DeviceToDevice, Fill
+from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice
 
 POLL_S = 50e-6
 ACL_HBM_MEM = 1
@@ -125,6 +125,9 @@ class PyaclNPU:
 
     def start(self, job: Job, t: float) -> None:
         job.started_at = self.t
+        if isinstance(job.task, HostToDevice | DeviceToHost):  # through VendorMemory: blocking vendor copies
+            self._run_now(job)
+            return
         stream = self.streams.pop() if self.streams else checked("rt.create_stream", self.acl.rt.create_stream())
         keep: list = []
         try:
@@ -135,11 +138,22 @@ class PyaclNPU:
         except FlexNPUError as exc:
             self._release(keep)
             self.streams.append(stream)
-            job.failure = exc
-            job.finished_at = self.t
-            self.done.append(job)
+            self._finish(job, exc)
             return
         self.out.append(_Out(job, stream, event, keep))
+
+    def _run_now(self, job: Job) -> None:
+        try:
+            job.task.run()
+        except FlexNPUError as exc:
+            self._finish(job, exc)
+            return
+        self._finish(job)
+
+    def _finish(self, job: Job, failure: FlexNPUError | None = None) -> None:
+        job.failure = failure
+        job.finished_at = self.t
+        self.done.append(job)
 
     def next_event(self) -> float | None:
         if self.done:
@@ -155,8 +169,7 @@ class PyaclNPU:
                 self.acl.rt.destroy_event(out.event)
                 self._release(out.keep)
                 self.streams.append(out.stream)
-                out.job.finished_at = self.t
-                self.done.append(out.job)
+                self._finish(out.job)
             else:
                 still.append(out)
         self.out = still
@@ -166,9 +179,12 @@ class PyaclNPU:
     # -- forwarding ----------------------------------------------------------------------------------------
 
     def _limit(self, stream: int, job: Job) -> None:
+        """The policy's limits on the vendor stream; CANN applies a stream's limits to kernels launched from a
+        thread that uses them (aclrtSetStreamResLimit's notes), so this thread does."""
         rt = self.acl.rt
         checked("rt.set_stream_res_limit", rt.set_stream_res_limit(stream, CUBE_CORE, job.cube_limit))
         checked("rt.set_stream_res_limit", rt.set_stream_res_limit(stream, VECTOR_CORE, job.vector_limit))
+        checked("rt.use_stream_res_in_current_thread", rt.use_stream_res_in_current_thread(stream))
 
     def _forward(self, job: Job, stream: int, keep: list) -> None:
         acl, task = self.acl, job.task
@@ -183,8 +199,8 @@ class PyaclNPU:
         elif isinstance(task, Fill):
             size = task.dst.size
             checked("rt.memset_async", acl.rt.memset_async(task.dst.address, size, task.value, size, stream))
-        else:  # host <-> device copies move through VendorMemory, blocking, as the task runs
-            task.run()
+        else:
+            raise NotSupported(f"the pyacl backend cannot forward a {task.name} task")
 
     def _launch(self, task: KernelTask, stream: int, keep: list) -> None:
         acl, kernel = self.acl, task.kernel

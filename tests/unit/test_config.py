@@ -189,6 +189,8 @@ BAD = [
     ("unknown-chip", 'chip = "910B2"', 'chip = "910A"', "physical[0].chip", "910A"),
     ("unknown-npu-mode", 'mode = "numeric"', 'mode = "exact"', "physical[0].mode", "exact"),
     ("unknown-backend", 'backend = "emulated"', 'backend = "ascend"', "physical[1].backend", "ascend"),
+    ("module-of-emulated", 'backend = "emulated"', 'backend = "emulated"\nmodule = "acl"', "physical[1].module", "acl"),
+    ("timing-pyacl", 'backend = "emulated"', 'backend = "pyacl"', "physical[1].mode", "timing"),
     ("duplicate-physical", 'name = "npu1"', 'name = "npu0"', "physical[1].name", "npu0"),
     ("duplicate-virtual", 'name = "davinci1"', 'name = "davinci0"', "virtual[1].name", "davinci0"),
     ("name-not-davinci", 'name = "davinci1"', 'name = "gpu1"', "virtual[1].name", "gpu1"),
