@@ -517,8 +517,11 @@ class Translator:
     def _graph_launch(self, seq, args, data):
         graph = self.handles.get(args.graph, Kind.GRAPH)
         stream = self._stream(args.stream)
-        for task in graph.tasks:
-            self._submit(stream, seq, lambda task=task: task)
+        capture = self.capturing.get(stream)
+        if capture is not None:  # a replay inside a capture: the graph's tasks join the new graph
+            capture.tasks.extend(graph.tasks)
+        else:  # one submission for the whole graph: the engine catches up once, not once per task
+            self.runner.submit_all([TaskEntry(stream, seq, task=task) for task in graph.tasks])
 
     def _graph_destroy(self, seq, args, data):
         self.handles.remove(args.handle, Kind.GRAPH)

@@ -10,6 +10,7 @@ from a trio task in real time, direct mode and simulations from the calling thre
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 import structlog
 
@@ -49,9 +50,14 @@ class Engine:
         stream.queue.clear()
 
     def submit(self, entry: Entry, now: float) -> None:
+        self.submit_all((entry,), now)
+
+    def submit_all(self, entries: Iterable[Entry], now: float) -> None:
+        """Queue entries at modeled time `now`, in order (a graph replay queues its tasks at once)."""
         self.advance(now)
-        entry.arrival = next(self._arrivals)
-        entry.stream.queue.append(entry)
+        for entry in entries:
+            entry.arrival = next(self._arrivals)
+            entry.stream.queue.append(entry)
         self._dispatch()
 
     @property

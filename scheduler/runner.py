@@ -43,6 +43,10 @@ class Runner:
         self.engine.submit(entry, self.clock.now())
         self._kick()
 
+    def submit_all(self, entries: list[Entry]) -> None:
+        self.engine.submit_all(entries, self.clock.now())
+        self._kick()
+
     def now(self) -> float:
         return self.clock.now()
 

@@ -153,6 +153,8 @@ class BlockTiming:
     def _place(self) -> None:
         """Put waiting blocks on free cores, in start order; a run that cannot place all of its blocks holds
         back later runs that need the same kind of core."""
+        if not self.waiting:
+            return
         blocked = [False, False]
         for run in list(self.waiting):
             c, v = run.needs
