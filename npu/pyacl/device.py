@@ -179,12 +179,10 @@ class PyaclNPU:
     # -- forwarding ----------------------------------------------------------------------------------------
 
     def _limit(self, stream: int, job: Job) -> None:
-        """The policy's limits on the vendor stream; CANN applies a stream's limits to kernels launched from a
-        thread that uses them (aclrtSetStreamResLimit's notes), so this thread does."""
+        """The policy's limits on the vendor stream (_launch makes them apply)."""
         rt = self.acl.rt
         checked("rt.set_stream_res_limit", rt.set_stream_res_limit(stream, CUBE_CORE, job.cube_limit))
         checked("rt.set_stream_res_limit", rt.set_stream_res_limit(stream, VECTOR_CORE, job.vector_limit))
-        checked("rt.use_stream_res_in_current_thread", rt.use_stream_res_in_current_thread(stream))
 
     def _forward(self, job: Job, stream: int, keep: list) -> None:
         acl, task = self.acl, job.task
@@ -218,10 +216,14 @@ class PyaclNPU:
         keep.append(("attr", attr))
         for name, value in kernel.attrs.items():
             checked(f"op.set_attr {name}", _setter(acl, value)(attr, name, value))
-        checked(
-            f"op.execute_v2 {kernel.op_type}",
-            acl.op.execute_v2(kernel.op_type, in_descs, in_bufs, out_descs, out_bufs, attr, stream),
-        )
+        # CANN applies a stream's limits to kernels launched from a thread that uses them (aclrtSetStreamResLimit's
+        # notes): this thread does, for this launch only.
+        checked("rt.use_stream_res_in_current_thread", acl.rt.use_stream_res_in_current_thread(stream))
+        try:
+            ret = acl.op.execute_v2(kernel.op_type, in_descs, in_bufs, out_descs, out_bufs, attr, stream)
+        finally:
+            acl.rt.unuse_stream_res_in_current_thread(stream)
+        checked(f"op.execute_v2 {kernel.op_type}", ret)
 
     def _release(self, keep: list) -> None:
         acl = self.acl

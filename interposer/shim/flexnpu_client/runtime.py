@@ -138,6 +138,8 @@ class Runtime:
 
     def _close(self, device: int) -> None:
         opened = self._opened.pop(device)
+        if self._owner.get(getattr(self._local, "limits", None)) == device:
+            self._local.limits = None  # its streams are gone with the session
         try:
             check(opened.client.call(Op.DEVICE_SYNC))
         finally:
