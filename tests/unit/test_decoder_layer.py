@@ -74,13 +74,8 @@ def test_each_op_costs_what_is_counted_by_hand():
 
 
 @pytest.fixture
-def runtime(tmp_path):
-    config = tmp_path / "timing.toml"
-    config.write_text(CONFIG)
-    rt = Runtime(direct=True, devices=["davinci0"], config=str(config))
-    rt.set_device(0)
-    yield rt
-    rt.reset_device(0, force=True)
+def runtime(direct_runtime):
+    return direct_runtime(CONFIG)
 
 
 def elapsed_ms(rt: Runtime, stream: int, run) -> float:

@@ -5,15 +5,12 @@ memory, copies, operators with their attributes, and the core limits the policy 
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
 
 import numpy as np
 import pytest
 
 from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import AttrKind, Op
-from tools.vdevctl import SHIM_PATH
 
 ACL_FLOAT16, ACL_FORMAT_ND, CUBE_CORE = 1, 2, 0
 
@@ -32,33 +29,17 @@ memory = "1GiB"
 
 
 @pytest.fixture
-def vendor():
-    """The vendor's `acl`: the shim in direct mode, as test_shim.py imports it."""
-    saved = os.environ.get("FLEXNPU_DIRECT")
-    os.environ["FLEXNPU_DIRECT"] = "1"
-    sys.path.insert(0, SHIM_PATH)
-    try:
-        import acl
-
-        yield acl
-    finally:
-        sys.path.remove(SHIM_PATH)
-        if saved is None:
-            os.environ.pop("FLEXNPU_DIRECT", None)
-        else:
-            os.environ["FLEXNPU_DIRECT"] = saved
+def vendor(direct_acl):
+    """The vendor's `acl`: the shim in direct mode, an emulated 910B2 behind it. The backend opens its device;
+    it is closed after the backend's own session (fixtures end in reverse order)."""
+    yield direct_acl
+    assert direct_acl.rt.reset_device(0) == 0
+    assert direct_acl.finalize() == 0
 
 
 @pytest.fixture
-def runtime(vendor, tmp_path):
-    config = tmp_path / "pyacl.toml"
-    config.write_text(CONFIG)
-    rt = Runtime(direct=True, devices=["davinci0"], config=str(config))
-    rt.set_device(0)
-    yield rt
-    rt.reset_device(0, force=True)
-    vendor.rt.reset_device(0)
-    vendor.finalize()
+def runtime(vendor, direct_runtime):
+    return direct_runtime(CONFIG)
 
 
 def host_bytes(runtime: Runtime, size: int, data: bytes = b"") -> memoryview:

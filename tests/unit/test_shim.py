@@ -4,14 +4,10 @@ CANN "aclpythondevg" pages). The shim runs in this process in direct mode: the e
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
 import threading
 
 import numpy as np
 import pytest
-
-from tools.vdevctl import SHIM_PATH
 
 ACL_SUCCESS = 0
 ACL_ERROR_INVALID_FILE = 100003
@@ -21,27 +17,13 @@ ACL_FLOAT, ACL_FLOAT16, ACL_INT32, ACL_FORMAT_ND = 0, 1, 3, 2
 
 
 @pytest.fixture(scope="module")
-def acl():
+def acl(direct_acl):
     """`import acl` as an interposed program gets it, in direct mode, with device 0 set."""
-    saved = os.environ.get("FLEXNPU_DIRECT")
-    os.environ["FLEXNPU_DIRECT"] = "1"
-    sys.path.insert(0, SHIM_PATH)
-    try:
-        import acl
-        from flexnpu_client.runtime import RUNTIME
-
-        assert RUNTIME.direct, "acl was imported before this fixture set FLEXNPU_DIRECT"
-        assert acl.init() == ACL_SUCCESS
-        assert acl.rt.set_device(0) == ACL_SUCCESS
-        yield acl
-        assert acl.rt.reset_device(0) == ACL_SUCCESS
-        assert acl.finalize() == ACL_SUCCESS
-    finally:
-        sys.path.remove(SHIM_PATH)
-        if saved is None:
-            os.environ.pop("FLEXNPU_DIRECT", None)
-        else:
-            os.environ["FLEXNPU_DIRECT"] = saved
+    assert direct_acl.init() == ACL_SUCCESS
+    assert direct_acl.rt.set_device(0) == ACL_SUCCESS
+    yield direct_acl
+    assert direct_acl.rt.reset_device(0) == ACL_SUCCESS
+    assert direct_acl.finalize() == ACL_SUCCESS
 
 
 @pytest.fixture

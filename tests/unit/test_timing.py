@@ -186,12 +186,16 @@ def test_water_fill_gives_nobody_more_than_it_asks():
 # -- through the engine ----------------------------------------------------------------------------------
 
 
-def test_engine_dispatches_a_second_streams_kernel_when_the_chips_blocks_free():
-    npu = EmulatedNPU("npu0", B2, "timing")
-    engine = Engine(npu, make_policy("fifo"))
-    long_stream, short_stream = Stream(), Stream()
-    for s in (long_stream, short_stream):
+def engine_with(*streams: Stream) -> Engine:
+    engine = Engine(EmulatedNPU("npu0", B2, "timing"), make_policy("fifo"))
+    for s in streams:
         engine.add_stream(s)
+    return engine
+
+
+def test_engine_dispatches_a_second_streams_kernel_when_the_chips_blocks_free():
+    long_stream, short_stream = Stream(), Stream()
+    engine = engine_with(long_stream, short_stream)
     done = {}
     for s, name in ((long_stream, "prefill"), (short_stream, "decode")):
         engine.submit(TaskEntry(s, 1, task=FakeTask(GEMM, name)), 0.0)
@@ -208,10 +212,8 @@ def test_engine_dispatches_a_second_streams_kernel_when_the_chips_blocks_free():
 
 
 def test_engine_honours_a_streams_own_core_limit():
-    npu = EmulatedNPU("npu0", B2, "timing")
-    engine = Engine(npu, make_policy("fifo"))
     limited = Stream(cube_limit=6)
-    engine.add_stream(limited)
+    engine = engine_with(limited)
     entry = TaskEntry(limited, 1, task=FakeTask(GEMM))
     engine.submit(entry, 0.0)
     assert entry.job.cube_limit == 6 and entry.job.blocks == 6
