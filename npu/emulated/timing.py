@@ -125,17 +125,16 @@ class BlockTiming:
     def advance(self, t: float) -> list[Job]:
         if self._stale and self.cohorts:
             self._rerate()
-        if t > self.t:
-            dt, self.t = t - self.t, t
-            finished = []
-            for c in self.cohorts:
-                c.remaining -= c.rate * dt
-                if c.due <= t or c.remaining <= _EPS:
-                    finished.append(c)
-            for c in finished:
-                self._finish(c)
-            if finished:
-                self._place()
+        dt, self.t = max(0.0, t - self.t), max(self.t, t)
+        finished = []
+        for c in self.cohorts:
+            c.remaining -= c.rate * dt
+            if c.due <= self.t or c.remaining <= _EPS:
+                finished.append(c)
+        for c in finished:
+            self._finish(c)
+        if finished:
+            self._place()
         done, self.done = self.done, []
         return done
 
@@ -208,7 +207,7 @@ class BlockTiming:
         self._due = min(c.due for c in cohorts)
 
     def _set_rate(self, cohort: _Cohort, block_s: float) -> None:
-        cohort.rate = 1.0 / block_s
+        cohort.rate = 1.0 / block_s if block_s > 0 else 0.0  # 0 s: an empty kernel on a chip with no overhead
         cohort.due = self.t + cohort.remaining * block_s  # unchanged by progress until the next rerate
 
 

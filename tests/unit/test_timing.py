@@ -219,3 +219,8 @@ def test_engine_honours_a_streams_own_core_limit():
     assert entry.job.cube_limit == 6 and entry.job.blocks == 6
     engine.advance(1.0)
     assert entry.job.finished_at == pytest.approx(OVERHEAD + 4 * TILE_FLOPS / CORE_PEAK)
+
+
+def test_an_empty_kernel_on_a_chip_without_launch_overhead_completes_at_once():
+    free = B2.with_(launch_overhead_s=0.0)
+    assert timing.alone(free, Cost(unit=Unit.VECTOR)) == 0.0
