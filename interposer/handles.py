@@ -84,7 +84,9 @@ class Allocation:
     start: int
     size: int  # what the caller asked for; accesses are checked against it
     buffer: Buffer
-    owner: object  # the session (translator) that allocated it
+    owner: object  # the session (translator) that allocated it, or imported it
+    offset: int = 0  # where in the buffer it starts (an import maps part of another's allocation)
+    imported: object = None  # the IPC export it maps, if imported
 
 
 class AddressSpace:
@@ -98,10 +100,10 @@ class AddressSpace:
         self._allocs: dict[int, Allocation] = {}
         self._freed: dict[int, None] = {}  # recently freed starts (insertion-ordered), to name a double free
 
-    def map(self, size: int, buffer: Buffer, owner: object) -> Allocation:
+    def map(self, size: int, buffer: Buffer, owner: object, offset: int = 0, imported: object = None) -> Allocation:
         start = self._next
         self._next = (start + size + 2 * VA_ALIGN - 1) // VA_ALIGN * VA_ALIGN
-        alloc = Allocation(start, size, buffer, owner)
+        alloc = Allocation(start, size, buffer, owner, offset, imported)
         self._allocs[start] = alloc
         bisect.insort(self._starts, start)
         return alloc
@@ -140,7 +142,12 @@ class AddressSpace:
                 f"{what} 0x{ptr:x}: {count} bytes at offset {offset} run past the end of its "
                 f"{alloc.size}-byte allocation at 0x{alloc.start:x}"
             )
-        return Region(alloc.buffer, offset, count)
+        return Region(alloc.buffer, alloc.offset + offset, count)
+
+    def find(self, ptr: int, owner: object) -> Allocation | None:
+        """The caller's allocation that starts at `ptr`, if any."""
+        alloc = self._allocs.get(ptr)
+        return alloc if alloc is not None and alloc.owner is owner else None
 
     def allocations(self, owner: object) -> list[Allocation]:
         return [a for a in self._allocs.values() if a.owner is owner]

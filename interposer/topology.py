@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from interposer.handles import AddressSpace
+from interposer.ipc import IpcRegistry
 from npu.executor import Executor
 from scheduler.runner import Runner
 from scheduler.stream import Phase
@@ -30,6 +31,7 @@ class VirtualNPU:
     mode: int = 0o666  # file mode of its device node
     used: int = 0
     sessions: list = field(default_factory=list)  # live Translators
+    ipc: IpcRegistry = field(default_factory=IpcRegistry)  # shared by every virtual NPU of one daemon
     space: AddressSpace = field(init=False)
 
     def __post_init__(self) -> None:

@@ -109,9 +109,9 @@ class Translator:
         engine = self.runner.engine
         for stream in self._streams():
             engine.remove_stream(stream)
+        self.vdev.ipc.forget(self)
         for alloc in self.vdev.space.allocations(self):
-            self.vdev.space.unmap(alloc.start, self)
-            self._release(alloc.buffer)
+            self._unmap(alloc.start)
         if self in self.vdev.sessions:
             self.vdev.sessions.remove(self)
         self.log.info("session_closed")
@@ -233,10 +233,13 @@ class Translator:
         first = min(failures, key=lambda f: f.seq)
         return error_answer(first.error.code, f"asynchronous record seq {first.seq} failed: {first.error.message}")
 
-    def _release(self, buffer) -> None:
-        self.vdev.physical.npu.memory.free(buffer)
-        self.vdev.used -= buffer.size
-        self.memory -= buffer.size
+    def _unmap(self, ptr: int) -> None:
+        """Give back an allocation (its quota too) or an import (the exporter's quota keeps paying for it)."""
+        alloc = self.vdev.space.unmap(ptr, self)
+        self.vdev.physical.npu.memory.free(alloc.buffer)
+        if alloc.imported is None:
+            self.vdev.used -= alloc.buffer.size
+            self.memory -= alloc.buffer.size
 
     def _deliver(self, seq: int) -> Callable[[Region], None]:
         return lambda region: self.deliveries.append((seq, region.read()))
@@ -380,8 +383,50 @@ class Translator:
         return ok(wire.COMMANDS[Op.MALLOC], ptr=alloc.start)
 
     def _free(self, seq, args, data):
-        self._release(self.vdev.space.unmap(args.ptr, self).buffer)
+        alloc = self.vdev.space.find(args.ptr, self)
+        if alloc is not None and alloc.imported is not None:
+            raise InvalidParam(f"free(0x{args.ptr:x}): imported IPC memory is let go with acl.rt.ipc_mem_close")
+        if alloc is not None and (holding := self.vdev.ipc.importers_of(self, alloc.buffer)):
+            raise InvalidParam(
+                f"free(0x{args.ptr:x}): {holding} process(es) still import this memory; they must call "
+                "acl.rt.ipc_mem_close first",
+                AclError.RT_MEMORY_FREE,
+            )
+        if alloc is not None:
+            self.vdev.ipc.withdraw(self, alloc.buffer)
+        self._unmap(args.ptr)
         return OK
+
+    # -- IPC memory (interposer/ipc.py) -------------------------------------------------------------------
+
+    def _ipc_export(self, seq, args, data):
+        region = self._region(args.ptr, args.size, "ipc_mem_get_export_key dev_ptr")
+        key = self.vdev.ipc.export(self, region, self.vdev.physical, args.flags)
+        return ok(wire.COMMANDS[Op.IPC_EXPORT], key=key.encode())
+
+    def _ipc_allow(self, seq, args, data):
+        if len(data) % 4:
+            raise InvalidParam(f"ipc_mem_set_import_pid: {len(data)} bytes of pids is not a whole number of int32s")
+        pids = list(struct.unpack(f"<{len(data) // 4}i", bytes(data)))
+        self.vdev.ipc.allow(self, _key(args.key), pids)
+        return OK
+
+    def _ipc_import(self, seq, args, data):
+        export = self.vdev.ipc.open(self, self.pid, _key(args.key), self.vdev.physical, args.flags)
+        region = export.region
+        region.buffer.holders += 1
+        alloc = self.vdev.space.map(region.size, region.buffer, self, offset=region.offset, imported=export)
+        return ok(wire.COMMANDS[Op.IPC_IMPORT], ptr=alloc.start)
+
+    def _ipc_close(self, seq, args, data):
+        export = self.vdev.ipc.close(self, _key(args.key))
+        for alloc in self.vdev.space.allocations(self):
+            if alloc.imported is export:
+                self._unmap(alloc.start)
+        return OK
+
+    def _bare_tgid(self, seq, args, data):
+        return ok(wire.COMMANDS[Op.BARE_TGID], pid=self.pid)
 
     def _mem_info(self, seq, args, data):
         if args.attr == ACL_HBM_MEM:
@@ -565,6 +610,11 @@ class Translator:
         Op.GRAPH_CAPTURE_END: _capture_end,
         Op.GRAPH_LAUNCH: _graph_launch,
         Op.GRAPH_DESTROY: _graph_destroy,
+        Op.IPC_EXPORT: _ipc_export,
+        Op.IPC_ALLOW: _ipc_allow,
+        Op.IPC_IMPORT: _ipc_import,
+        Op.IPC_CLOSE: _ipc_close,
+        Op.BARE_TGID: _bare_tgid,
     }
 
 
@@ -611,6 +661,13 @@ def _spec(op: str, which: str, description) -> TensorSpec:
 def _check_count(count: int, data: memoryview) -> None:
     if count != len(data):
         raise InvalidParam(f"memcpy count {count} does not match the {len(data)} bytes sent")
+
+
+def _key(raw: bytes) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidParam("an IPC memory key is 64 ASCII characters, as ipc_mem_get_export_key returns") from None
 
 
 def _ignore(region: Region) -> None:

@@ -50,7 +50,7 @@ from construct import (
 
 from npu.errors import InvalidParam, ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: core limits (STREAM_LIMIT_*, DEVICE_LIMIT_*, OpLaunch.limits)
+PROTOCOL_VERSION = 2  # 2: core limits (STREAM_LIMIT_*, DEVICE_LIMIT_*, OpLaunch.limits), IPC memory
 MAGIC = b"FNPU"
 MAX_FRAME = 256 << 20  # the client splits bigger copies into several records
 
@@ -108,8 +108,9 @@ class Layout:
 
     def build(self, fields) -> bytes:
         for key, length in self.lengths.items():
-            if key in fields and len(fields[key]) != length:
-                raise InvalidParam(f"{self.name}.{key}: {len(fields[key])} bytes, the field holds exactly {length}")
+            value = fields.get(key, b"")
+            if not isinstance(value, bytes | bytearray) or (key in fields and len(value) != length):
+                raise InvalidParam(f"{self.name}.{key}: {value!r:.40} is not the {length} bytes the field holds")
         try:
             return self.codec.pack(*[fields[n] for n in self.names])
         except KeyError as exc:
@@ -175,6 +176,11 @@ class Op(IntEnum):
     GRAPH_CAPTURE_END = 71
     GRAPH_LAUNCH = 72
     GRAPH_DESTROY = 73
+    IPC_EXPORT = 80
+    IPC_ALLOW = 81
+    IPC_IMPORT = 82
+    IPC_CLOSE = 83
+    BARE_TGID = 84
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,8 @@ _StreamCopy = layout("StreamCopy", "stream" / Int64ul, "dst" / Int64ul, "src" / 
 _StreamFill = layout("StreamFill", "stream" / Int64ul, "ptr" / Int64ul, "value" / Int32ul, "count" / Int64ul)
 _EventStream = layout("EventStream", "event" / Int64ul, "stream" / Int64ul)
 _Limit = layout("Limit", "value" / Int32ul)
+_Pointer = layout("Pointer", "ptr" / Int64ul)
+_IpcKey = layout("IpcKey", "key" / Bytes(64))
 OWN_LIMITS = (1 << 64) - 1  # OpLaunch.limits: the launch's own stream's (0 names the default stream)
 
 COMMANDS: dict[Op, Command] = {
@@ -264,7 +272,7 @@ COMMANDS: dict[Op, Command] = {
             layout("EventPair", "start" / Int64ul, "end" / Int64ul),
             layout("Elapsed", "ns" / Int64ul),
         ),
-        _c(Op.MALLOC, layout("Malloc", "size" / Int64ul, "policy" / Int32ul), layout("Pointer", "ptr" / Int64ul)),
+        _c(Op.MALLOC, layout("Malloc", "size" / Int64ul, "policy" / Int32ul), _Pointer),
         _c(Op.FREE, layout("Free", "ptr" / Int64ul)),
         _c(Op.MEM_INFO, layout("MemInfo", "attr" / Int32ul), layout("MemFree", "free" / Int64ul, "total" / Int64ul)),
         _c(Op.MEMCPY_H2D, _Copy, bulk=True),
@@ -289,6 +297,13 @@ COMMANDS: dict[Op, Command] = {
         _c(Op.GRAPH_CAPTURE_END, layout("CaptureEnd", "stream" / Int64ul), Handle),
         _c(Op.GRAPH_LAUNCH, layout("GraphLaunch", "graph" / Int64ul, "stream" / Int64ul), sync=False),
         _c(Op.GRAPH_DESTROY, Handle),
+        # IPC memory: part of an allocation exported under a key, imported by processes on the allow-list
+        # (bulk of IPC_ALLOW: little-endian i32 pids).
+        _c(Op.IPC_EXPORT, layout("IpcExport", "ptr" / Int64ul, "size" / Int64ul, "flags" / Int64ul), _IpcKey),
+        _c(Op.IPC_ALLOW, _IpcKey, bulk=True),
+        _c(Op.IPC_IMPORT, layout("IpcImport", "key" / Bytes(64), "flags" / Int64ul), _Pointer),
+        _c(Op.IPC_CLOSE, _IpcKey),
+        _c(Op.BARE_TGID, Empty, layout("Tgid", "pid" / Int32ul)),
     )
 }
 BY_CMD: dict[int, Command] = {c.cmd: c for c in COMMANDS.values()}

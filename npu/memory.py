@@ -39,6 +39,12 @@ class Buffer:
     freed: bool = field(default=False)
     address: int = 0  # on a real device: its device address
     store: Store | None = None
+    holders: int = 1  # the session that allocated it, and each process that imported it (IPC memory)
+
+    def let_go(self) -> bool:
+        """One holder lets go; True when that was the last one and the bytes can go back."""
+        self.holders -= 1
+        return self.holders == 0 and not self.freed
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +117,8 @@ class DeviceMemory:
         return Buffer(real, data)
 
     def free(self, buffer: Buffer) -> None:
-        if buffer.freed:
+        """One holder lets go of `buffer`; the memory goes back with the last."""
+        if not buffer.let_go():
             return
         buffer.freed = True
         self.used -= buffer.size

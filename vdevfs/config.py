@@ -31,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interposer.ipc import IpcRegistry
 from interposer.topology import PhysicalUnit, Topology, VirtualNPU
 from npu.emulated.device import MODES, EmulatedNPU
 from npu.executor import Executor
@@ -142,11 +143,11 @@ def build(config: Config, driver: str = "trio") -> Topology:
         npu = _executor(spec)
         runner = runner_cls(Engine(npu, make_policy(config.policy)), make_clock(config.time_scale))
         units[spec.name] = PhysicalUnit(spec.name, npu, runner, config.policy)
-    virtual = []
+    virtual, ipc = [], IpcRegistry()  # IPC memory keys are the daemon's: any of its processes may import one
     for index, spec in enumerate(config.virtual):
         unit = units[spec.physical]
         quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
-        virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode))
+        virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode, ipc=ipc))
     return Topology(list(units.values()), virtual, config.time_scale)
 
 

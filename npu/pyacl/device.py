@@ -67,7 +67,7 @@ class VendorMemory:
         return Buffer(real, None, address=address, store=self)
 
     def free(self, buffer: Buffer) -> None:
-        if buffer.freed:
+        if not buffer.let_go():
             return
         buffer.freed = True
         self.used -= buffer.size

@@ -4,6 +4,7 @@ CANN "aclpythondevg" pages). The shim runs in this process in direct mode: the e
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import numpy as np
@@ -305,3 +306,31 @@ def test_a_streams_core_limit_is_its_own_else_the_processs_else_the_chips(acl, s
 def test_a_core_limit_out_of_range_is_refused_naming_the_range(acl, stream, kind, value, named):
     assert acl.rt.set_stream_res_limit(stream, kind, value) == ACL_ERROR_INVALID_PARAM
     assert named in acl.get_recent_err_msg()
+
+
+# -- IPC memory ------------------------------------------------------------------------------------------
+
+
+def test_ipc_memory_round_trip_through_the_shim(acl):
+    # aclpythondevg "ipc_mem_get_export_key" / "ipc_mem_set_import_pid" / "ipc_mem_import_by_key" /
+    # "ipc_mem_close": key, ret = ...(dev_ptr, size, flags); ret = ...(key, pids); dev_ptr, ret = ...(key, flags).
+    # One process here, so it imports through a second device set on the same physical NPU (davinci1).
+    ptr = device_bytes(acl, b"shared!!")
+    key = ok(acl.rt.ipc_mem_get_export_key(ptr, 8, 0))
+    assert isinstance(key, str) and len(key) == 64
+    pid = ok(acl.rt.device_get_bare_tgid())
+    assert pid == os.getpid()
+    assert acl.rt.ipc_mem_set_import_pid(key, [pid]) == ACL_SUCCESS
+    context = ok(acl.rt.get_context())
+    assert acl.rt.set_device(1) == ACL_SUCCESS
+    try:
+        imported = ok(acl.rt.ipc_mem_import_by_key(key, 0))
+        assert read(acl, imported, 8) == b"shared!!"
+        assert acl.rt.ipc_mem_close(key) == ACL_SUCCESS
+    finally:
+        assert acl.rt.reset_device(1) == ACL_SUCCESS
+        assert acl.rt.set_context(context) == ACL_SUCCESS
+    assert acl.rt.ipc_mem_close(key) == ACL_SUCCESS
+    assert acl.rt.free(ptr) == ACL_SUCCESS
+    key, ret = acl.rt.ipc_mem_import_by_key("short", 0)
+    assert (key, ret) == (0, ACL_ERROR_INVALID_PARAM) and "64-character" in acl.get_recent_err_msg()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from construct import Const, ConstructError, FormatField
+from construct import Bytes, Const, ConstructError, FormatField
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +36,9 @@ def field_ranges(layout: wire.Layout) -> dict[str, st.SearchStrategy]:
         field = sub.subcon
         if isinstance(field, Const):
             fields[sub.name] = st.just(field.value)
+            continue
+        if isinstance(field, Bytes):  # an IPC memory key
+            fields[sub.name] = st.binary(min_size=field.length, max_size=field.length)
             continue
         assert isinstance(field, FormatField)
         assert field.fmtstr[0] == "<" and field.fmtstr[1] in "BHLQ", "every request field is little-endian unsigned"

@@ -265,6 +265,37 @@ def get_device_res_limit(device_id: int, type: int) -> int:  # noqa: A002
     return COMMANDS[Op.DEVICE_LIMIT_GET].reply.parse(reply).value
 
 
+# -- IPC memory: device memory one process shares with others on the same NPU, no copy -----------------------
+
+ACL_RT_IPC_MEM_EXPORT_FLAG_DEFAULT, ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION = 0, 1
+ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS = 1
+
+
+@value("")
+def ipc_mem_get_export_key(dev_ptr: int, size: int, flags: int) -> str:
+    return RUNTIME.ipc_export(dev_ptr, size, flags)
+
+
+@code
+def ipc_mem_set_import_pid(key: str, pid: list) -> None:
+    RUNTIME.ipc_allow(key, [int(p) for p in pid])
+
+
+@value(0)
+def ipc_mem_import_by_key(key: str, flags: int) -> int:
+    return RUNTIME.ipc_import(key, flags)
+
+
+@code
+def ipc_mem_close(key: str) -> None:
+    RUNTIME.ipc_close(key)
+
+
+@value(0)
+def device_get_bare_tgid() -> int:
+    return RUNTIME.bare_tgid()
+
+
 # -- host callbacks (flexnpu_client/reports.py) ------------------------------------------------------------
 
 

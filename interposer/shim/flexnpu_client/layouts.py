@@ -99,4 +99,9 @@ COMMANDS = {'HELLO': (1, 3221767681, ('<HBBL', ('version', 'phase', 'pad', 'pid'
  'GRAPH_CAPTURE_BEGIN': (70, 3222029894, ('<QL', ('stream', 'mode'), {}), ('<', (), {}), True, False),
  'GRAPH_CAPTURE_END': (71, 3221767751, ('<Q', ('stream',), {}), ('<Q', ('handle',), {}), True, False),
  'GRAPH_LAUNCH': (72, 1074808392, ('<QQ', ('graph', 'stream'), {}), ('<', (), {}), False, False),
- 'GRAPH_DESTROY': (73, 3221767753, ('<Q', ('handle',), {}), ('<', (), {}), True, False)}
+ 'GRAPH_DESTROY': (73, 3221767753, ('<Q', ('handle',), {}), ('<', (), {}), True, False),
+ 'IPC_EXPORT': (80, 3222816336, ('<QQQ', ('ptr', 'size', 'flags'), {}), ('<64s', ('key',), {}), True, False),
+ 'IPC_ALLOW': (81, 3225437777, ('<64s', ('key',), {}), ('<', (), {}), True, True),
+ 'IPC_IMPORT': (82, 3225962066, ('<64sQ', ('key', 'flags'), {}), ('<Q', ('ptr',), {}), True, False),
+ 'IPC_CLOSE': (83, 3225437779, ('<64s', ('key',), {}), ('<', (), {}), True, False),
+ 'BARE_TGID': (84, 3221243476, ('<', (), {}), ('<L', ('pid',), {}), True, False)}

@@ -367,6 +367,26 @@ class Runtime:
             self.client(stream)  # a stream of a device this process has set
         self._local.limits = stream
 
+    # -- IPC memory -----------------------------------------------------------------------------------------
+
+    def ipc_export(self, ptr: int, size: int, flags: int) -> str:
+        reply = self.call(Op.IPC_EXPORT, ptr=ptr, size=size, flags=flags)
+        return COMMANDS[Op.IPC_EXPORT].reply.parse(reply).key.decode("ascii")
+
+    def ipc_allow(self, key: str, pids: list[int]) -> None:
+        packed = struct.pack(f"<{len(pids)}i", *pids)
+        check(self.client().call(Op.IPC_ALLOW, packed, key=_key(key)))
+
+    def ipc_import(self, key: str, flags: int) -> int:
+        return COMMANDS[Op.IPC_IMPORT].reply.parse(self.call(Op.IPC_IMPORT, key=_key(key), flags=flags)).ptr
+
+    def ipc_close(self, key: str) -> None:
+        self.call(Op.IPC_CLOSE, key=_key(key))
+
+    def bare_tgid(self) -> int:
+        """The pid the daemon knows this process by (across container pid namespaces): what allow-lists hold."""
+        return COMMANDS[Op.BARE_TGID].reply.parse(self.call(Op.BARE_TGID)).pid
+
     def device_call(self, device: int, op: Op, **args) -> memoryview:
         """A call about a device as a whole (aclrtSetDeviceResLimit names one): it must be set."""
         self._check_device(device)
@@ -376,6 +396,16 @@ class Runtime:
                 f"device {device} is not set: call acl.rt.set_device({device})", AclError.RT_CONTEXT_NULL
             )
         return check(opened.client.call(op, **args))
+
+
+def _key(key: str) -> bytes:
+    raw = key.encode("ascii", errors="replace") if isinstance(key, str) else b""
+    if len(raw) != 64:
+        raise AclCallError(
+            f"IPC memory key {key!r:.20}: a key is the 64-character string ipc_mem_get_export_key returned",
+            AclError.INVALID_PARAM,
+        )
+    return raw
 
 
 def _frozen(attrs: dict) -> list:

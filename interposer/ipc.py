@@ -1,0 +1,124 @@
+"""IPC memory shared between processes (aclrtIpcMemGetExportKey, aclrtIpcMemSetImportPid,
+aclrtIpcMemImportByKey, aclrtIpcMemClose): an exporter names part of one of its allocations by a key; processes
+it allows import it into their own virtual NPU's address space — the same physical bytes, no copy, as a prefill
+process hands its KV cache to a decode process on the same NPU.
+
+The daemon keeps the allow-list (pids as the daemon sees them, which is what aclrtDeviceGetBareTgid answers, so
+it holds across container pid namespaces) and who holds what: an export cannot be imported once closed or
+freed, its memory cannot be freed while imported, and the physical bytes stay until the exporter and every
+importer have let go (a killed importer's imports are closed with its session; a killed exporter's memory
+lives on until its importers close).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from npu.errors import AclError, InvalidParam
+from npu.memory import Buffer, Region
+
+KEY_BYTES = 64  # pyACL's key is a 65-byte C string: 64 characters and the NUL
+EXPORT_DISABLE_PID_VALIDATION = 1  # ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION
+IMPORT_ENABLE_PEER_ACCESS = 1  # ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS
+
+
+@dataclass(eq=False)
+class Export:
+    key: str
+    region: Region  # the exported bytes
+    exporter: object  # the exporting session
+    physical: object  # the physical NPU the bytes live on
+    pids: set[int] | None  # who may import; None: anyone (pid validation disabled)
+    importers: set = field(default_factory=set)  # sessions holding it now
+    closed: bool = False  # the exporter closed it: no new imports
+
+
+class IpcRegistry:
+    """Every export of one daemon (or of one direct-mode process), by key."""
+
+    def __init__(self) -> None:
+        self.exports: dict[str, Export] = {}
+
+    def export(self, exporter: object, region: Region, physical: object, flags: int) -> str:
+        if flags not in (0, EXPORT_DISABLE_PID_VALIDATION):
+            raise InvalidParam(f"ipc_mem_get_export_key flags {flags} is not 0 (pid allow-list) or 1 (no validation)")
+        key = secrets.token_hex(KEY_BYTES // 2)
+        pids = None if flags == EXPORT_DISABLE_PID_VALIDATION else set()
+        self.exports[key] = Export(key, region, exporter, physical, pids)
+        return key
+
+    def allow(self, session: object, key: str, pids: list[int]) -> None:
+        export = self._get(key, "ipc_mem_set_import_pid")
+        if export.exporter is not session:
+            raise InvalidParam(f"ipc_mem_set_import_pid: key {key[:8]}… was exported by another process")
+        if export.pids is None:
+            raise InvalidParam(f"ipc_mem_set_import_pid: key {key[:8]}… was exported with pid validation disabled")
+        export.pids.update(pids)
+
+    def open(self, importer: object, pid: int, key: str, physical: object, flags: int) -> Export:
+        """Check that `importer` (process `pid`, on `physical`) may import `key`; record that it holds it."""
+        export = self._get(key, "ipc_mem_import_by_key")
+        if export.closed:
+            raise InvalidParam(f"ipc_mem_import_by_key: key {key[:8]}… was closed by its exporter")
+        if export.pids is not None and pid not in export.pids:
+            raise InvalidParam(
+                f"ipc_mem_import_by_key: pid {pid} is not on key {key[:8]}…'s allow-list; the exporter must call "
+                "acl.rt.ipc_mem_set_import_pid with the pid acl.rt.device_get_bare_tgid gives the importer",
+                AclError.RT_NO_PERMISSION,
+            )
+        if export.physical is not physical:
+            raise InvalidParam(
+                "ipc_mem_import_by_key: the memory is on another physical NPU; importing across chips is not "
+                "emulated (copy it device to device instead)",
+                AclError.FEATURE_UNSUPPORTED,
+            )
+        if flags & ~IMPORT_ENABLE_PEER_ACCESS:
+            raise InvalidParam(f"ipc_mem_import_by_key flags {flags}: only 0 and 1 (enable peer access) exist")
+        if importer is export.exporter or importer in export.importers:
+            raise InvalidParam(f"ipc_mem_import_by_key: this process already holds key {key[:8]}…")
+        export.importers.add(importer)
+        return export
+
+    def close(self, session: object, key: str) -> Export:
+        """The importer lets go of its import (its caller unmaps it), or the exporter closes the export."""
+        export = self._get(key, "ipc_mem_close")
+        if session in export.importers:
+            export.importers.discard(session)
+        elif session is export.exporter:
+            export.closed = True
+        else:
+            raise InvalidParam(f"ipc_mem_close: this process neither exported nor imported key {key[:8]}…")
+        self._drop_if_done(export)
+        return export
+
+    def importers_of(self, session: object, buffer: Buffer) -> int:
+        """How many importers hold exports of `session`'s `buffer` (its free must wait for 0)."""
+        return sum(
+            len(e.importers) for e in self.exports.values() if e.exporter is session and e.region.buffer is buffer
+        )
+
+    def withdraw(self, session: object, buffer: Buffer) -> None:
+        """`session` freed `buffer`: its exports of it close."""
+        for export in list(self.exports.values()):
+            if export.exporter is session and export.region.buffer is buffer:
+                export.closed = True
+                self._drop_if_done(export)
+
+    def forget(self, session: object) -> None:
+        """A session ended: its exports close, its imports are let go (its caller unmaps them)."""
+        for export in list(self.exports.values()):
+            export.importers.discard(session)
+            if export.exporter is session:
+                export.closed = True
+            self._drop_if_done(export)
+
+    def _get(self, key: str, what: str) -> Export:
+        export = self.exports.get(key)
+        if export is None:
+            raise InvalidParam(f"{what}: no export has key {key[:8]}… (never exported, or closed by all)")
+        return export
+
+    def _drop_if_done(self, export: Export) -> None:
+        if export.closed and not export.importers:
+            del self.exports[export.key]
