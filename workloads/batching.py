@@ -25,6 +25,9 @@ Policy (vLLM v0's default, with v1's chunked prefill):
   finish and keeps its blocks until `release()` (after the KV content was copied out). DECODE takes requests
   only through `add_prefilled()`, which allocates blocks for the already-computed context and returns them as
   the copy's destination; it still prefills locally to recompute after a preemption.
+
+Token ids stay with the executor (it has the prompt and feeds back what it sampled); this core counts tokens,
+and looks at a sampled id only to compare it with the EOS id.
 """
 
 from __future__ import annotations
@@ -202,19 +205,15 @@ class _Request:
     max_tokens: int
     ignore_eos: bool
     arrival: float
+    prefill_target: int  # tokens a prefill computes: the prompt, plus what it had generated when preempted
     output: int = 0  # tokens sampled so far
     computed: int = 0  # tokens whose KV is in `blocks`
     blocks: list[int] = field(default_factory=list)
     first_token_time: float | None = None
 
     @property
-    def prefill_target(self) -> int:
-        """Tokens a prefill must compute: the prompt, plus what it had generated when it was preempted."""
-        return self.prompt + self.output
-
-    @property
     def decoding(self) -> bool:
-        return self.output > 0 and self.computed == self.prompt + self.output - 1
+        return self.computed >= self.prefill_target
 
 
 class Batcher:
@@ -238,7 +237,8 @@ class Batcher:
                 "then hand it over with add_prefilled()"
             )
         self._check_new(request_id, prompt_tokens, max_tokens, now)
-        self._requests[request_id] = request = _Request(request_id, prompt_tokens, max_tokens, ignore_eos, now)
+        request = _Request(request_id, prompt_tokens, max_tokens, ignore_eos, now, prefill_target=prompt_tokens)
+        self._requests[request_id] = request
         self._waiting.append(request)
 
     def add_prefilled(
@@ -262,8 +262,17 @@ class Batcher:
                 f"first token {first_token}); nothing is left to decode"
             )
         self._check_new(request_id, context_tokens, max_tokens, now)
-        request = _Request(request_id, context_tokens, max_tokens, ignore_eos, now, output=1, computed=context_tokens)
-        request.first_token_time = now
+        request = _Request(
+            request_id,
+            context_tokens,
+            max_tokens,
+            ignore_eos,
+            now,
+            context_tokens,
+            1,
+            context_tokens,
+            first_token_time=now,
+        )
         request.blocks = self.pool.allocate(self._blocks_for(context_tokens))
         self._requests[request_id] = request
         self._running.append(request)
@@ -352,6 +361,7 @@ class Batcher:
         self.pool.free(victim.blocks)
         victim.blocks = []
         victim.computed = 0
+        victim.prefill_target = victim.prompt + victim.output
         self._waiting.appendleft(victim)
         self._preemptions += 1
         return victim.id
