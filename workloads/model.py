@@ -230,9 +230,17 @@ def weight_specs(c: ModelConfig) -> dict[str, TensorSpec]:
     return specs
 
 
+def kv_pools(i: int) -> tuple[str, str]:
+    """Layer i's key pool and value pool."""
+    return layer_prefix(i) + "self_attn.k_cache", layer_prefix(i) + "self_attn.v_cache"
+
+
+def kv_pool_spec(c: ModelConfig, cache: CacheConfig) -> TensorSpec:
+    return TensorSpec(c.dtype, (cache.num_blocks, cache.block_size, c.num_key_value_heads * c.head_dim))
+
+
 def kv_cache_specs(c: ModelConfig, cache: CacheConfig) -> dict[str, TensorSpec]:
-    pool = TensorSpec(c.dtype, (cache.num_blocks, cache.block_size, c.num_key_value_heads * c.head_dim))
-    return {layer_prefix(i) + f"self_attn.{kv}_cache": pool for i in range(c.num_hidden_layers) for kv in "kv"}
+    return {name: kv_pool_spec(c, cache) for i in range(c.num_hidden_layers) for name in kv_pools(i)}
 
 
 def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[OpCall]:
@@ -258,6 +266,8 @@ def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[
     q, k, v = act("q", t, n * d), act("k", t, n_kv * d), act("v", t, n_kv * d)
     attn, o, mlp = act("attn", t, n * d), act("o", t, h), act("mlp", t, h)
     slots = act(SLOTS, t, dtype=I32)
+    pool_spec = kv_pool_spec(c, cache)
+    slot_rows = TensorSpec(c.dtype, (cache.num_blocks * cache.block_size, n_kv * d))  # a pool seen a token a row
 
     call("GatherV2", [w("model.embed_tokens.weight"), act(INPUT_IDS, t, dtype=I32)], [hidden])
     positions = act(POSITIONS, t, dtype=I32)
@@ -265,7 +275,7 @@ def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[
     call("GatherV2", [w(ROPE_SIN), positions], [act("sin", t, d)])
     for i in range(c.num_hidden_layers):
         p = layer_prefix(i)
-        # The residual stream lives in `hidden`: AddRmsNorm adds the last block's output into it in place.
+        # The residual stream lives in `hidden`: AddRmsNorm adds the previous block's output into it in place.
         if i == 0:
             call("RmsNorm", [hidden, w(p + "input_layernorm.weight")], [normed, rstd], **eps)
         else:
@@ -275,10 +285,10 @@ def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[
             call("MatMulV2", [normed, w(p + f"self_attn.{name}_proj.weight"), *bias], [out], transpose_x2=True)
         q4, k4 = act("q", 1, t, n, d), act("k", 1, t, n_kv, d)
         call("ApplyRotaryPosEmb", [q4, k4, act("cos", 1, t, 1, d), act("sin", 1, t, 1, d)], [q4, k4])
-        pools = [Tensor(name, spec) for name, spec in kv_cache_specs(c, cache).items() if name.startswith(p)]
+        pools = [Tensor(name, pool_spec) for name in kv_pools(i)]
         for pool, new in zip(pools, (k, v), strict=True):
-            flat = Tensor(pool.buffer, TensorSpec(c.dtype, (cache.num_blocks * cache.block_size, n_kv * d)))
-            call("ScatterUpdate", [flat, slots, new], [flat])
+            rows = Tensor(pool.buffer, slot_rows)
+            call("ScatterUpdate", [rows, slots, new], [rows])
         if isinstance(step, Prefill):
             start = 0
             for length in step.prompt_lens:
@@ -305,13 +315,13 @@ def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[
         call("SwiGlu", [gate_up], [act("swiglu", t, ff)], dim=-1)
         call("MatMulV2", [act("swiglu", t, ff), w(p + "mlp.down_proj.weight")], [mlp], transpose_x2=True)
     call("AddRmsNorm", [mlp, hidden, w("model.norm.weight")], [normed, rstd, hidden], **eps)
-    rows = normed
+    sampled = normed
     if isinstance(step, Prefill):  # only each prompt's last token is sampled
-        rows = act("last", b, h)
-        call("GatherV2", [normed, act(LAST_TOKENS, b, dtype=I32)], [rows])
+        sampled = act("last", b, h)
+        call("GatherV2", [normed, act(LAST_TOKENS, b, dtype=I32)], [sampled])
     head = w("model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
     logits = act("logits", b, c.vocab_size)
-    call("MatMulV2", [rows, head], [logits], transpose_x2=True)
+    call("MatMulV2", [sampled, head], [logits], transpose_x2=True)
     call("ArgMaxV2", [logits], [act(NEXT_TOKENS, b, dtype=I32)], dimension=-1, dtype=3)
     return calls
 
