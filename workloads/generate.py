@@ -28,10 +28,11 @@ def block_tables(lengths: list[int], block_size: int) -> list[list[int]]:
     return tables
 
 
-def generate(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Greedy: a prefill of every prompt, then `steps` batched decode steps. Returns each request's new tokens."""
+def generate(model, prompts: list[list[int]], steps: int, tables: list[list[int]] | None = None) -> list[list[int]]:
+    """Greedy: a prefill of every prompt, then `steps` batched decode steps. Returns each request's new tokens.
+    tables: each request's blocks (default: runs of blocks in request order)."""
     lengths = [len(p) for p in prompts]
-    tables = block_tables([n + steps for n in lengths], model.cache.block_size)
+    tables = tables or block_tables([n + steps for n in lengths], model.cache.block_size)
     out = [[token] for token in model.prefill(prompts, tables)]
     for _ in range(steps):
         lengths = [n + 1 for n in lengths]

@@ -255,15 +255,9 @@ def test_tiny_model_gives_the_same_tokens_whatever_blocks_it_is_given(acl, expec
     """Scattered, interleaved blocks (the pool's last ones first) read the same cache as contiguous ones."""
     model = tiny_model(acl)
     try:
-        lengths = [len(p) for p in PROMPTS]
         blocks = list(range(model.cache.num_blocks))[::-1]
         tables = [blocks[0::2][:4], blocks[1::2][:4]]  # 4 blocks of 4 hold each request's 10 + 5 tokens
-        out = [[t] for t in model.prefill(PROMPTS, tables)]
-        for _ in range(STEPS):
-            lengths = [n + 1 for n in lengths]
-            for request, token in zip(out, model.decode([r[-1] for r in out], lengths, tables), strict=True):
-                request.append(token)
-        assert out == expected
+        assert generate(model, PROMPTS, STEPS, tables) == expected
     finally:
         model.close()
 
