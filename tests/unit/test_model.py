@@ -31,6 +31,7 @@ from workloads.model import (
     CacheConfig,
     Decode,
     ModelConfig,
+    OpCall,
     Prefill,
     forward,
     kv_cache_specs,
@@ -116,6 +117,10 @@ def test_an_unknown_config_json_is_refused_by_name(change, match):
 # -- the description --------------------------------------------------------------------------------------
 
 
+def bind_call(call: OpCall):
+    return bind(call.op, [x.spec for x in call.ins], [x.spec for x in call.outs], call.attrs)
+
+
 STEPS_7B = [Prefill((1000, 37)), Decode(tuple(range(1000, 1032)), 9)]
 
 
@@ -127,7 +132,7 @@ def test_every_call_of_qwen25_7b_binds_and_reads_what_was_written_before(step):
     weights, pools = weight_specs(QWEN), kv_cache_specs(QWEN, cache)
     written = {*weights, *pools, INPUT_IDS, POSITIONS, SLOTS, BLOCK_TABLES, LAST_TOKENS}
     for call in forward(QWEN, cache, step):
-        bind(call.op, [x.spec for x in call.ins], [x.spec for x in call.outs], call.attrs)
+        bind_call(call)
         unwritten = [x.buffer for x in call.ins if x.buffer not in written]
         assert not unwritten, f"{call.op} reads {unwritten} before any call writes them"
         written |= {x.buffer for x in call.outs}
@@ -147,7 +152,7 @@ def test_a_decode_step_reads_every_weight_once_and_only_the_cache_in_use():
     attention = [c for c in calls if c.op == "IncreFlashAttention"]
     assert len(attention) == QWEN.num_hidden_layers
     assert attention[0].attrs["actual_seq_lengths"] == [1024] * 32 and attention[0].attrs["block_size"] == 128
-    kernel = bind(*(lambda c: (c.op, [x.spec for x in c.ins], [x.spec for x in c.outs], c.attrs))(attention[0]))
+    kernel = bind_call(attention[0])
     kv_bytes = 2 * 32 * 1024 * 4 * 128 * 2  # K and V of 32 requests x 1024 tokens x 4 heads x 128, bf16
     assert kv_bytes < kernel.cost.hbm_bytes < kv_bytes * 1.01  # not the 300-block pools
 
