@@ -1,0 +1,1 @@
+"""Programs that use the NPU the way users do: the model described as data and its pyACL executor."""

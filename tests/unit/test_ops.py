@@ -911,6 +911,63 @@ def test_incre_attention_ignores_whatever_lies_past_a_length():
     assert_matches(from_layout(out, "BSH", n), expected, scale=4)
 
 
+def paged(cache: np.ndarray, table: np.ndarray, lengths: list[int], num_blocks: int) -> np.ndarray:
+    """Contiguous per-request caches [B, S_kv, H] written into a pool of blocks through a block table. Rows no
+    request uses hold NaN, so reading one would show."""
+    block_size = -(-cache.shape[1] // table.shape[1])
+    pool = np.full((num_blocks, block_size, cache.shape[2]), np.nan, cache.dtype)
+    for i, length in enumerate(lengths):
+        for t in range(length):
+            pool[table[i, t // block_size], t % block_size] = cache[i, t]
+    return pool
+
+
+def test_paged_incre_attention_reads_each_request_through_its_block_table():
+    """Paged mode gives what the contiguous cache gives, bit for bit, reading only the tokens in use (same cost
+    but for the block table's bytes)."""
+    rng = np.random.default_rng(21)
+    b, n, n_kv, d, s_kv, block_size = 3, 4, 2, 8, 12, 4
+    q = data(rng, F16, (b, 1, n * d))
+    k, v = data(rng, F16, (b, s_kv, n_kv * d)), data(rng, F16, (b, s_kv, n_kv * d))
+    lengths = [5, 12, 1]
+    attrs = {"num_heads": n, "num_key_value_heads": n_kv, "actual_seq_lengths": lengths}
+    (expected,), contiguous = run_op("IncreFlashAttention", [q, k, v], [spec_of(q)], attrs)
+    num_blocks = b * s_kv // block_size + 1  # one spare block nobody owns
+    table = rng.permutation(num_blocks)[: b * s_kv // block_size].reshape(b, -1).astype(np.int32)
+    pools = [paged(cache, table, lengths, num_blocks) for cache in (k, v)]
+    (out,), kernel = run_op(
+        "IncreFlashAttention", [q, *pools, table], [spec_of(q)], {**attrs, "block_size": block_size}
+    )
+    np.testing.assert_array_equal(out, expected)
+    assert kernel.cost.flops == contiguous.cost.flops
+    assert kernel.cost.hbm_bytes == contiguous.cost.hbm_bytes + table.nbytes
+
+
+@pytest.mark.parametrize(
+    ("pool", "table", "attrs", "match"),
+    [
+        ((5, 4, 8), spec(I32, (2, 3)), {}, "attr block_size"),
+        ((5, 4, 16), spec(I32, (2, 3)), {"block_size": 4}, "key"),
+        ((5, 4, 8), spec(I64, (2, 3)), {"block_size": 4}, "block_table"),
+        ((5, 4, 8), spec(I32, (1, 3)), {"block_size": 4}, "block_table"),
+        ((5, 4, 8), spec(I32, (2, 3)), {"block_size": 4, "actual_seq_lengths": [4, 13]}, "attr actual_seq_lengths"),
+    ],
+)
+def test_paged_incre_attention_checks_its_pool_and_table(pool, table, attrs, match):
+    """Two requests of up to 3 blocks of 4 tokens; query 2 heads x 8, one KV head."""
+    q = spec(F16, (2, 1, 16))
+    attrs = {"num_heads": 2, "num_key_value_heads": 1, "actual_seq_lengths": [4, 12], **attrs}
+    with pytest.raises(InvalidParam, match=f"IncreFlashAttention {match}"):
+        bind("IncreFlashAttention", [q, spec(F16, pool), spec(F16, pool), table], [q], attrs)
+
+
+def test_paged_incre_attention_refuses_a_block_outside_the_pool():
+    q, pool = np.zeros((1, 1, 16), np.float16), np.zeros((2, 4, 8), np.float16)
+    attrs = {"num_heads": 2, "num_key_value_heads": 1, "actual_seq_lengths": [6], "block_size": 4}
+    with pytest.raises(InvalidParam, match="block_table: row 0 names blocks outside"):
+        run_op("IncreFlashAttention", [q, pool, pool, np.array([[1, 2]], np.int32)], [spec_of(q)], attrs)
+
+
 # -- costs -----------------------------------------------------------------------------------------------
 
 
@@ -1345,7 +1402,7 @@ ERROR_CASES = [
     ("MatMulV2", [q16(2, 2)] * 4, [q16(2, 2)], {}, "MatMulV2 inputs"),
     ("RmsNorm", [q16(2, 8)], [q16(2, 8), spec(F32, (2, 1))], {}, "RmsNorm inputs"),
     ("ConcatD", [], [spec(F32, (2,))], {}, "ConcatD inputs"),
-    ("IncreFlashAttention", [q16(2, 1, 16)] * 4, [q16(2, 1, 16)], {"num_heads": 2}, "IncreFlashAttention inputs"),
+    ("IncreFlashAttention", [q16(2, 1, 16)] * 5, [q16(2, 1, 16)], {"num_heads": 2}, "IncreFlashAttention inputs"),
     ("PromptFlashAttention", [q16(1, 4, 16)] * 2, [q16(1, 4, 16)], {"num_heads": 2}, "PromptFlashAttention inputs"),
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, widen
+from npu.errors import InvalidParam
 from npu.tasks import Cost, Unit
 
 UNBOUNDED = 2147483647
@@ -195,10 +196,15 @@ def _pairs_upto(s: int, s_kv: int, h: int) -> int:
 @register
 class IncreFlashAttention(Attention):
     """Decode attention: query length 1 against each request's KV cache. attr actual_seq_lengths (one per
-    batch entry, default the whole cache) limits how much of each cache is read."""
+    batch entry, default the whole cache) limits how much of each cache is read.
+
+    Paged mode (Ascend's PagedAttention layout), when a 4th input block_table (int32 [B, max_blocks]) is given:
+    key and value are pools of blocks [num_blocks, block_size, N_kv*D] (layout BSH) shared by every request,
+    attr block_size is their length, and request b's token t lies in block block_table[b, t // block_size], row
+    t % block_size. A request's capacity is max_blocks * block_size; table entries past its length are unread."""
 
     name = "IncreFlashAttention"
-    inputs = (3, 3)
+    inputs = (3, 4)
 
     def _lengths(self, b: int, s_kv: int, attrs) -> list[int]:
         lengths = [int(x) for x in attrs.get("actual_seq_lengths", [s_kv] * b)]
@@ -208,37 +214,81 @@ class IncreFlashAttention(Attention):
             )
         return lengths
 
-    def infer(self, ins, attrs, outs):
-        _, _, _, b, s, s_kv, _ = self._shapes(ins, attrs)
+    def _geometry(self, ins, attrs) -> tuple[int, int, int, int, list[int]]:
+        """(N, N_kv, B, D, each request's length), checked."""
+        if len(ins) == 3:
+            n, n_kv, _, b, s, s_kv, d = self._shapes(ins, attrs)
+        else:
+            n, n_kv, b, s, s_kv, d = self._paged_shapes(ins, attrs)
         if s != 1:
             raise operand_error(self.name, "query", f"has sequence length {s}; decode attention takes 1")
-        self._lengths(b, s_kv, attrs)
+        return n, n_kv, b, d, self._lengths(b, s_kv, attrs)
+
+    def _paged_shapes(self, ins, attrs) -> tuple[int, int, int, int, int, int]:
+        n, n_kv = _heads(self.name, attrs)
+        if str(attrs.get("input_layout", "BSH")) != "BSH":
+            raise operand_error(self.name, "attr input_layout", "paged mode (a block_table input) takes BSH")
+        same_dtype(self.name, ins[:3], ("query", "key", "value"))
+        b, s, d = _split(self.name, ins[0], n, "BSH", "query")
+        block_size = int(attrs.get("block_size", 0))
+        if block_size <= 0:
+            raise operand_error(self.name, "attr block_size", "is required in paged mode and must be > 0")
+        for name, spec in (("key", ins[1]), ("value", ins[2])):
+            if len(spec.shape) != 3 or spec.shape[1:] != (block_size, n_kv * d):
+                raise operand_error(
+                    self.name, name, f"shape {list(spec.shape)} is not [num_blocks, {block_size}, {n_kv * d}] (paged)"
+                )
+        table = ins[3]
+        if table.dtype != np.int32 or len(table.shape) != 2 or table.shape[0] != b:
+            raise operand_error(self.name, "block_table", f"is {table}; it must be int32 [{b}, max_blocks]")
+        return n, n_kv, b, s, table.shape[1] * block_size, d
+
+    def infer(self, ins, attrs, outs):
+        self._geometry(ins, attrs)
         return [ins[0]]
 
     def compute(self, ins, attrs):
-        q, k, v = ins
+        q, k, v = ins[:3]
         layout = str(attrs.get("input_layout", "BSH"))
-        seq_axis = 1 if layout == "BSH" else 2
-        lengths = self._lengths(q.shape[0], k.shape[seq_axis], attrs)
+        if len(ins) == 4:
+            lengths = self._lengths(q.shape[0], ins[3].shape[1] * k.shape[1], attrs)
+            cache = _paged_reader(ins[3], k.shape[0], k.shape[1])
+        else:
+            seq_axis = 1 if layout == "BSH" else 2
+            lengths = self._lengths(q.shape[0], k.shape[seq_axis], attrs)
+
+            def cache(pool, i, n):
+                return pool[i : i + 1].take(range(n), seq_axis)
+
         # Each request reads only its own tokens: whatever lies past its length in the cache is never touched.
         rows = [
-            self._attend(q[i : i + 1], k[i : i + 1].take(range(n), seq_axis), v[i : i + 1].take(range(n), seq_axis),
-                         attrs, None)[0]
-            for i, n in enumerate(lengths)
-        ]  # fmt: skip
+            self._attend(q[i : i + 1], cache(k, i, n), cache(v, i, n), attrs, None)[0] for i, n in enumerate(lengths)
+        ]
         return [np.concatenate(rows, axis=0)]
 
     def cost(self, ins, outs, attrs):
-        n, n_kv, _, b, _, s_kv, d = self._shapes(ins, attrs)
-        lengths = self._lengths(b, s_kv, attrs)
+        n, n_kv, b, d, lengths = self._geometry(ins, attrs)
         total = sum(lengths)
-        kv_bytes = 2 * total * n_kv * d * ins[1].dtype.itemsize
+        kv_bytes = 2 * total * n_kv * d * ins[1].dtype.itemsize  # only the tokens in use, paged or not
+        table_bytes = ins[3].nbytes if len(ins) == 4 else 0
         return self._mix_cost(
             flops=4.0 * n * total * d,
-            hbm_bytes=ins[0].nbytes + outs[0].nbytes + kv_bytes,
+            hbm_bytes=ins[0].nbytes + outs[0].nbytes + kv_bytes + table_bytes,
             tiles=n_kv * sum(-(-length // IFA_SPLIT_TOKENS) for length in lengths),
             keys_per_row=total / b,
         )
+
+
+def _paged_reader(table: np.ndarray, num_blocks: int, block_size: int):
+    """reader(pool, i, n): request i's first n tokens, [1, n, N_kv*D], gathered from its blocks of `pool`."""
+
+    def read(pool: np.ndarray, i: int, n: int) -> np.ndarray:
+        blocks = table[i, : -(-n // block_size)]
+        if blocks.min() < 0 or blocks.max() >= num_blocks:
+            raise InvalidParam(f"IncreFlashAttention block_table: row {i} names blocks outside [0, {num_blocks})")
+        return pool[blocks].reshape(1, -1, pool.shape[-1])[:, :n]
+
+    return read
 
 
 def _rotate_half(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Run a model through pyACL (`import acl`): greedy generation for byte-level prompts, or timed decode steps.
+Each command prints one JSON line.
+
+    python -m workloads.generate tokens --model tiny --seed 0 --prompt hello --prompt "hi there" --steps 4
+    python -m workloads.generate decode --model qwen2.5-7b --batch 32 --context 1024 --steps 3   # timing mode
+
+Under `vdevctl run` it reaches a daemon's virtual NPU; with FLEXNPU_DIRECT=1 the emulated NPUs run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from workloads.model import CacheConfig, ModelConfig, model_config
+
+BLOCK_SIZE = 16
+
+
+def block_tables(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Each request its own run of blocks, enough for `length` tokens: the simplest allocation."""
+    tables, first = [], 0
+    for length in lengths:
+        count = -(-length // block_size)
+        tables.append(list(range(first, first + count)))
+        first += count
+    return tables
+
+
+def generate(model, prompts: list[list[int]], steps: int, tables: list[list[int]] | None = None) -> list[list[int]]:
+    """Greedy: a prefill of every prompt, then `steps` batched decode steps. Returns each request's new tokens.
+    tables: each request's blocks (default: runs of blocks in request order)."""
+    lengths = [len(p) for p in prompts]
+    tables = tables or block_tables([n + steps for n in lengths], model.cache.block_size)
+    out = [[token] for token in model.prefill(prompts, tables)]
+    for _ in range(steps):
+        lengths = [n + 1 for n in lengths]
+        for request, token in zip(out, model.decode([r[-1] for r in out], lengths, tables), strict=True):
+            request.append(token)
+    return out
+
+
+def _config(model: str, hf_config: str | None) -> ModelConfig:
+    return ModelConfig.from_hf(hf_config) if hf_config else model_config(model)
+
+
+@click.group()
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="a built-in model")
+@click.option("--hf-config", type=click.Path(exists=True, dir_okay=False), help="a Hugging Face config.json instead")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="safetensors weights (HF names)")
+@click.option("--seed", type=int, default=0, show_default=True, help="random weights from this seed, if no checkpoint")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="a prompt (its UTF-8 bytes are its tokens)")
+@click.option("--steps", type=int, default=4, show_default=True, help="decode steps after the prefill")
+@click.option("--device", type=int, default=0, show_default=True)
+def tokens(model, hf_config, checkpoint, seed, prompts, steps, device) -> None:
+    """Greedy tokens for byte-level prompts (numeric mode)."""
+    import acl
+    from workloads.acl_executor import AclModel, check
+    from workloads.weights import device_weights, load_checkpoint, random_checkpoint
+
+    config = _config(model, hf_config)
+    encoded = [list(p.encode()) for p in prompts]
+    hf = load_checkpoint(config, checkpoint) if checkpoint else random_checkpoint(config, seed)
+    cache = CacheConfig(sum(len(b) for b in block_tables([len(p) + steps for p in encoded], BLOCK_SIZE)), BLOCK_SIZE)
+    check(acl.init(), "init")
+    runner = AclModel(config, cache, device_weights(config, hf), device)
+    out = generate(runner, encoded, steps)
+    runner.close()
+    check(acl.finalize(), "finalize")
+    click.echo(json.dumps({"tokens": out}))
+
+
+@main.command()
+@click.option("--model", default="qwen2.5-7b", show_default=True, help="a built-in model")
+@click.option("--hf-config", type=click.Path(exists=True, dir_okay=False), help="a Hugging Face config.json instead")
+@click.option("--batch", type=int, default=32, show_default=True)
+@click.option("--context", type=int, default=1024, show_default=True, help="each request's context length")
+@click.option("--steps", type=int, default=3, show_default=True)
+@click.option("--block-size", type=int, default=128, show_default=True)
+@click.option("--device", type=int, default=0, show_default=True)
+def decode(model, hf_config, batch, context, steps, block_size, device) -> None:
+    """Decode steps of a batch, weights allocated but not written (for an NPU in timing mode): host and device
+    milliseconds per step."""
+    import acl
+    from workloads.acl_executor import AclModel, check
+
+    config = _config(model, hf_config)
+    tables = block_tables([context + steps] * batch, block_size)
+    check(acl.init(), "init")
+    runner = AclModel(config, CacheConfig(sum(map(len, tables)), block_size), None, device)
+    host, dev = [], []
+    for i in range(steps):
+        runner.decode([0] * batch, [context + i] * batch, tables)
+        host.append(runner.host_ms)
+        dev.append(runner.device_ms)
+    runner.close()
+    check(acl.finalize(), "finalize")
+    click.echo(
+        json.dumps({"model": config.name, "batch": batch, "context": context, "host_ms": host, "device_ms": dev})
+    )
+
+
+if __name__ == "__main__":
+    main()
