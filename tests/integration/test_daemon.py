@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TEST_CONFIG, requires_mount, vdevctl
+from tests.conftest import ROOT, TEST_CONFIG, acl_popen, requires_mount, vdevctl
+from tests.integration.test_bad_input import wait_until
 from tools import launch
 
 pytestmark = requires_mount
@@ -74,18 +75,55 @@ def test_sigterm_unmounts_cleanly(tmp_path):
     assert '"event": "unmounted"' in (tmp_path / "log").read_text()
 
 
-def test_a_killed_daemons_stale_mount_is_recovered(tmp_path):
+@pytest.mark.parametrize("clients", [0, 1], ids=["no-clients", "client-attached"])
+def test_a_daemon_killed_with_sigkill_restarts_on_its_mount_point(tmp_path, clients):
     config = tmp_path / "c.toml"
     config.write_text(TEST_CONFIG)
     mount = tmp_path / "mnt"
     with launch.daemon(mount, config, tmp_path / "log1") as proc:
+        held = [acl_popen(mount, "hold.py", "0", "4096", run_opts=("--devices", "0")) for _ in range(clients)]
+        for client in held:
+            assert json.loads(client.stdout.readline())["devices"] == 1
         proc.kill()
         proc.wait()
         with pytest.raises(OSError, match="Transport endpoint is not connected"):
             os.listdir(mount)
+        # Once the kernel's cached attributes expire even a stat of the mount point fails (the reported case).
+        assert wait_until(lambda: _stat_fails(mount)), "lstat kept answering from the cache"
         with launch.daemon(mount, config, tmp_path / "log2"):
             assert (mount / "davinci0").exists()
+            for client in held:  # a client of the dead daemon is told what happened, not served by the new one
+                _, err = client.communicate("check\n", timeout=30)
+                assert client.returncode != 0
+                assert "d2h failed: 507901" in err and "the FlexNPU daemon is gone" in err, err
+                assert "this virtual device was lost, as on a device reset" in err
     assert "stale_mount_recovered" in (tmp_path / "log2").read_text()
+
+
+def _stat_fails(path) -> bool:
+    try:
+        os.lstat(path)
+    except OSError:
+        return True
+    return False
+
+
+def test_umount_detaches_a_killed_daemons_mount_even_with_clients_attached(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(TEST_CONFIG)
+    mount = tmp_path / "mnt"
+    with launch.daemon(mount, config, tmp_path / "log") as proc:
+        fd = os.open(mount / "davinci0", os.O_RDWR)  # keeps the dead mount busy
+        try:
+            proc.kill()
+            proc.wait()
+            result = subprocess.run(
+                [sys.executable, "-m", "vdevfs.cli", "umount", str(mount)], capture_output=True, text=True, cwd=ROOT
+            )
+            assert result.returncode == 0, result.stderr
+            assert os.listdir(mount) == []  # the bare directory again
+        finally:
+            os.close(fd)
 
 
 def test_a_second_daemon_on_a_live_mount_is_refused(daemon):
