@@ -79,6 +79,8 @@ class Translator:
         self.handles = HandleTable(self.id)
         self.memory = 0  # bytes this session holds (rounded as the device counts them)
         self.deliveries: list[tuple[int, bytes]] = []  # async device-to-host bytes awaiting the next sync
+        # The transport's say on keeping (seq, size) bytes of a delivery: the daemon bounds them, direct mode not.
+        self.admit_delivery: Callable[[int, int], None] = lambda seq, size: None
         self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
         self.templates: dict[int, Kernel | FlexNPUError] = {}  # operator descriptions, by the client's id
         self.capturing: dict[Stream, Graph] = {}  # streams whose work is being captured into a graph
@@ -223,7 +225,11 @@ class Translator:
         self.memory -= buffer.size
 
     def _deliver(self, seq: int) -> Callable[[bytes], None]:
-        return lambda data: self.deliveries.append((seq, data))
+        def deliver(data: bytes) -> None:
+            self.admit_delivery(seq, len(data))  # may refuse: the copy then fails, as a task on its stream
+            self.deliveries.append((seq, data))
+
+        return deliver
 
     # -- session ------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import trio
 
 from interposer.topology import Topology
 from vdevfs.fs import STATUS_NAME, DeviceFS
+from vdevfs.limits import BufferLimits
 
 log = structlog.get_logger()
 
@@ -65,10 +66,10 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
-async def serve(topology: Topology, mountpoint: Path, config_source: str) -> None:
+async def serve(topology: Topology, mountpoint: Path, config_source: str, limits: BufferLimits) -> None:
     prepare_mountpoint(mountpoint)
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
-    fs = DeviceFS(topology, info)
+    fs = DeviceFS(topology, info, limits)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
     try:
         pyfuse3.init(fs, str(mountpoint), options)

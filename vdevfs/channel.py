@@ -1,0 +1,163 @@
+"""One open device node: frames in by write(), replies out by read(), within the session's buffer limits.
+
+A write() is a frame: FUSE keeps write boundaries, except that it cuts a write bigger than its maximum write
+size (1 MiB) into pieces. A piece ends where the request's 256 page slots run out: 1 MiB less the buffer's
+offset in its first page for one buffer, less for a writev of many small buffers. So a write may end inside a
+frame only if it is big enough to be such a piece; a shorter one is a truncated frame (or one whose header
+gives the wrong length) and is refused with EINVAL. A write that starts with a frame header while a frame is
+unfinished starts afresh (the unfinished one was cut short by its writer). Either way one bad write never
+swallows the valid frames after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from interposer import wire
+from interposer.session import Handler, answer_async
+from interposer.wire import FrameBuffer, Op, Record
+from npu.errors import FlexNPUError, ProtocolError
+from vdevfs.limits import BufferAccount, BufferFull
+
+# The shortest write that may end inside a frame. The client's own pieces are far longer: a big frame is one
+# buffer, or a writev of a few headers and the bulk data, or of over 64 KiB in at most 1024 buffers.
+MIN_PIECE = mmap.PAGESIZE
+FRAME_START = wire.MAGIC + wire.PROTOCOL_VERSION.to_bytes(2, "little")
+
+
+@dataclass(eq=False)
+class Channel:
+    handler: Handler
+    log: structlog.typing.FilteringBoundLogger
+    account: BufferAccount
+    spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
+    frames: FrameBuffer = field(default_factory=FrameBuffer)
+    replies: list[bytes | memoryview] = field(default_factory=list)
+    queued: int = 0  # bytes in replies
+    delivering: int = 0  # bytes of asynchronous copies' results admitted, not yet in a reply
+    reserved: int = 0  # room kept for the reply of the frame now running
+    deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
+    writing: bool = False
+    done_writing: trio.Event | None = None  # made only when a second writer has to wait
+
+    async def write(self, data: bytes) -> None:
+        # Writes to one channel must not interleave while one waits on the device. This is a lock whose
+        # uncontended path costs a flag (a trio.Lock costs a few us per call, a large part of a round trip).
+        while self.writing:
+            self.done_writing = self.done_writing or trio.Event()
+            await self.done_writing.wait()
+        self.writing = True
+        try:
+            self._run_deferred()
+            self.account.check(len(data), "this write")
+            if self.frames.pending and data[: len(FRAME_START)] == FRAME_START:
+                self.log.warning("frame_abandoned", received=self.frames.pending, reason="a new frame began")
+                self.frames = FrameBuffer()
+            complete = self.frames.feed(data)
+            if self.frames.pending and len(data) < MIN_PIECE:
+                raise ProtocolError(
+                    f"truncated frame: the write ended {self.frames.pending} bytes into a frame whose header "
+                    "announces more; write each frame whole, with the length its header gives"
+                )
+            self._recount()
+            for count, body in complete:
+                await self._run(wire.decode_records(count, body))  # a malformed frame fails its own write
+        except FlexNPUError as exc:
+            # Drop the bad frame and whatever followed it in this write. The write fails with EINVAL; the
+            # explanation waits in a reply (seq 0), if it fits, for a client that wants to tell its user.
+            self.log.warning("frame_refused", error=exc.message)
+            self.frames = FrameBuffer()
+            self.reserved = 0
+            explanation = wire.frame(wire.encode_reply(0, exc.code, exc.message.encode()), 1)
+            with contextlib.suppress(BufferFull):  # a client that never reads gets no more of them
+                self.account.check(sum(len(p) for p in explanation), "the explanation")
+                self._queue(explanation)
+            raise
+        finally:
+            self._recount()
+            self.writing = False
+            if self.done_writing is not None:
+                self.done_writing.set()
+                self.done_writing = None
+
+    async def _run(self, records: list[Record]) -> None:
+        if self.spawn is not None and not any(r.command.sync for r in records):
+            # Nobody waits for an answer: let the write return now and run the records right after, so the
+            # client encodes its next batch while the daemon translates this one.
+            self.deferred.append(records)
+            self.spawn(self._run_deferred_soon)
+            return
+        copies = sum(r.args.count for r in records if r.command.op is Op.MEMCPY_D2H)
+        self.account.check(copies, "the reply to this frame")
+        self.reserved = copies
+        self._recount()
+        reply = await answer_async(self, records)
+        self.reserved = 0
+        if reply is not None:
+            self._queue(reply)
+
+    def _queue(self, reply: wire.Parts) -> None:
+        self.replies += reply
+        self.queued += sum(len(p) for p in reply)
+        self._recount()
+
+    def _recount(self) -> None:
+        self.account.set(self.frames.pending + self.queued + self.delivering + self.reserved)
+
+    # -- the Handler the session logic drives: the translator, with the results of copies accounted for ----
+
+    def execute(self, record: Record):
+        return self.handler.execute(record)
+
+    def take_deliveries(self) -> list[tuple[int, bytes]]:
+        taken = self.handler.take_deliveries()
+        self.delivering -= sum(len(data) for _, data in taken)
+        return taken
+
+    def admit_delivery(self, seq: int, size: int) -> None:
+        """Called before an asynchronous copy's result is kept for the next reply; refusing fails that copy."""
+        self.account.check(size, f"the result of asynchronous memcpy seq {seq}")
+        self.delivering += size
+        self._recount()
+
+    def _run_deferred(self) -> None:
+        """Run deferred frames in arrival order; a later write runs them first itself if it gets there first.
+        Asynchronous records never wait, so this runs to completion without yielding to other tasks."""
+        while self.deferred:
+            for record in self.deferred.pop(0):
+                self.handler.execute(record)
+
+    async def _run_deferred_soon(self) -> None:
+        self._run_deferred()
+
+    def close(self) -> None:
+        self.deferred.clear()
+        self.replies.clear()
+        self.handler.close()
+        self.account.close()
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes of queued replies; the client reads until it has a whole frame."""
+        if len(self.replies) == 1 and len(self.replies[0]) <= size:  # the usual: one small reply, whole
+            out = bytes(self.replies.pop())
+        else:
+            parts = []
+            while self.replies and size > 0:
+                head = self.replies[0]
+                if len(head) <= size:
+                    parts.append(self.replies.pop(0))
+                else:
+                    head = memoryview(head)
+                    parts.append(head[:size])
+                    self.replies[0] = head[size:]
+                size -= len(parts[-1])
+            out = b"".join(parts)
+        self.queued -= len(out)
+        self._recount()
+        return out
