@@ -21,6 +21,7 @@ import structlog
 from interposer.topology import Topology, VirtualNPU
 from interposer.translate import Translator, VersionOnly
 from npu.errors import FlexNPUError
+from vdevfs import access
 from vdevfs.channel import Channel
 from vdevfs.limits import BufferAccount, BufferLimits
 
@@ -125,7 +126,7 @@ class DeviceFS(pyfuse3.Operations):
         if inode == STATUS_INODE:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            content: Channel | bytes = self.status_bytes()
+            content: Channel | bytes = self.status_bytes(ctx.uid, ctx.gid)
         elif inode in self.devices:
             vdev = self.devices[inode]
             translator = Translator(vdev, pid=ctx.pid)
@@ -165,11 +166,31 @@ class DeviceFS(pyfuse3.Operations):
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return self._attr(inode)  # O_TRUNC on a device node: nothing to truncate
+        """chmod and chown apply to device nodes, as on /dev, until the daemon restarts (the config is the
+        lasting source); the kernel has already checked the caller may (default_permissions). The other nodes
+        refuse them. O_TRUNC and new timestamps change nothing: there is nothing to truncate or date."""
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            vdev = self.devices.get(inode)
+            if vdev is None:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if fields.update_mode:
+                vdev.mode = attr.st_mode & 0o777
+            if fields.update_uid:
+                vdev.uid = attr.st_uid
+            if fields.update_gid:
+                vdev.gid = attr.st_gid
+            log.info("node_changed", device=vdev.name, mode=oct(vdev.mode), uid=vdev.uid, gid=vdev.gid, by=ctx.uid)
+        return self._attr(inode)
 
-    def status_bytes(self) -> bytes:
+    def status_bytes(self, uid: int, gid: int) -> bytes:
+        """The status file as the requester sees it: only the virtual NPUs they may open, and their sessions."""
         status = {
             "daemon": {**self.info, "uptime_s": round(time.time() - self.started, 1), "buffers": self.limits.status()}
         }
         status |= self.topology.status()
+        if uid != 0:
+            member_of = access.groups(uid, gid)
+            status = access.visible_status(
+                status, {v.name for v in self.topology.virtual if access.may_open(v, uid, member_of)}
+            )
         return json.dumps(status, indent=1).encode() + b"\n"

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from interposer.client import Client, FileTransport
 from tests.conftest import ROOT, TEST_CONFIG, acl_popen, requires_mount, vdevctl
 from tests.integration.test_bad_input import wait_until
 from tools import launch
@@ -133,3 +134,49 @@ def test_a_second_daemon_on_a_live_mount_is_refused(daemon):
     assert result.returncode == 2
     assert "already serving here" in result.stderr
     assert (daemon.mount / "status").exists()  # the first one is untouched
+
+
+def status_as(mount, uid: int, gid: int) -> dict:
+    """The status file read by another user (vdevctl ls shows what this returns). The child changes into the
+    mount before it drops root: pytest's temporary directories are root's alone."""
+    result = subprocess.run(["cat", "status"], cwd=mount, user=uid, group=gid, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status_shows_a_user_only_the_devices_they_may_open_and_their_sessions(daemon):
+    # davinci1 is 1234:4321 0660 in the test config; the other nodes are root's, 0666.
+    client = Client(FileTransport(str(daemon.mount / "davinci1")))
+    try:
+        outsider = status_as(daemon.mount, 1000, 1000)
+        assert [v["name"] for v in outsider["virtual"]] == ["davinci0", "davinci2", "davinci3"]
+        assert f'"pid": {os.getpid()}' not in json.dumps(outsider)
+        for uid, gid in [(1234, 1000), (1000, 4321), (0, 0)]:  # owner, group member, root
+            seen = {v["name"]: v for v in status_as(daemon.mount, uid, gid)["virtual"]}
+            assert [s["pid"] for s in seen["davinci1"]["sessions"]] == [os.getpid()]
+    finally:
+        client.close()
+
+
+def test_chmod_and_chown_of_a_device_node_take_effect_and_other_nodes_refuse(daemon):
+    node = daemon.mount / "davinci1"
+    try:
+        os.chmod(node, 0o600)
+        os.chown(node, 1000, 1000)
+        st = os.stat(node)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1000, 1000, 0o600)
+        assert "davinci1" in [v["name"] for v in status_as(daemon.mount, 1000, 1000)["virtual"]]
+        assert "davinci1" not in [v["name"] for v in status_as(daemon.mount, 1234, 4321)["virtual"]]
+        denied = subprocess.run(
+            ["chmod", "666", node.name], cwd=daemon.mount, user=1234, group=4321, capture_output=True, text=True
+        )
+        assert denied.returncode != 0 and "Operation not permitted" in denied.stderr
+        with pytest.raises(PermissionError):
+            os.chmod(daemon.mount / "status", 0o666)
+        with pytest.raises(PermissionError):
+            os.chown(daemon.mount / "hisi_hdc", 1000, 1000)
+    finally:
+        os.chown(node, 1234, 4321)
+        os.chmod(node, 0o660)
+    st = os.stat(node)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 4321, 0o660)
