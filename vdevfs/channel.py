@@ -40,7 +40,6 @@ class Channel:
     frames: FrameBuffer = field(default_factory=FrameBuffer)
     replies: list[bytes | memoryview] = field(default_factory=list)
     queued: int = 0  # bytes in replies
-    delivering: int = 0  # bytes of asynchronous copies' results admitted, not yet in a reply
     reserved: int = 0  # room kept for the reply of the frame now running
     deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
     writing: bool = False
@@ -108,7 +107,7 @@ class Channel:
         self._recount()
 
     def _recount(self) -> None:
-        self.account.set(self.frames.pending + self.queued + self.delivering + self.reserved)
+        self.account.set(self.frames.pending + self.queued + self.reserved + self.account.delivering)
 
     # -- the Handler the session logic drives: the translator, with the results of copies accounted for ----
 
@@ -117,14 +116,8 @@ class Channel:
 
     def take_deliveries(self) -> list[tuple[int, bytes]]:
         taken = self.handler.take_deliveries()
-        self.delivering -= sum(len(data) for _, data in taken)
+        self.account.delivering -= sum(len(data) for _, data in taken)  # now part of the reply
         return taken
-
-    def admit_delivery(self, seq: int, size: int) -> None:
-        """Called before an asynchronous copy's result is kept for the next reply; refusing fails that copy."""
-        self.account.check(size, f"the result of asynchronous memcpy seq {seq}")
-        self.delivering += size
-        self._recount()
 
     def _run_deferred(self) -> None:
         """Run deferred frames in arrival order; a later write runs them first itself if it gets there first.
@@ -138,6 +131,7 @@ class Channel:
 
     def close(self) -> None:
         self.deferred.clear()
+        self.frames = FrameBuffer()  # most of a 256 MiB frame, maybe: free it now, not at some later GC
         self.replies.clear()
         self.handler.close()
         self.account.close()

@@ -131,7 +131,7 @@ class DeviceFS(pyfuse3.Operations):
             vdev = self.devices[inode]
             translator = Translator(vdev, pid=ctx.pid)
             content = Channel(translator, translator.log, BufferAccount(self.limits, vdev.name), spawn=self.spawn)
-            translator.admit_delivery = content.admit_delivery
+            translator.admit_delivery = content.account.admit_delivery
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
             name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
             content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name), BufferAccount(self.limits, name))

@@ -40,6 +40,7 @@ class BufferAccount:
     limits: BufferLimits
     device: str
     held: int = 0
+    delivering: int = 0  # results of asynchronous copies admitted, not yet in a reply
 
     def check(self, extra: int, what: str) -> None:
         limits = self.limits
@@ -55,6 +56,14 @@ class BufferAccount:
                 f"({_mib(limits.held)} of {_mib(limits.total)} held; [daemon] daemon_buffer): try again once "
                 "other sessions have read their replies, or copy in smaller pieces"
             )
+
+    def admit_delivery(self, seq: int, size: int) -> None:
+        """The translator asks before it keeps an asynchronous copy's result; a refusal fails that copy.
+        (The account, not the channel, answers: a translator holding its channel would make a cycle, and a
+        closed channel's buffers would then wait for the garbage collector.)"""
+        self.check(size, f"the result of asynchronous memcpy seq {seq}")
+        self.delivering += size
+        self.set(self.held + size)
 
     def set(self, held: int) -> None:
         self.limits.held += held - self.held

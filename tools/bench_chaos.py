@@ -1,0 +1,399 @@
+"""`vdevctl bench chaos`: verifying clients under fire, then buffer abuse; nothing wrong, nothing left behind.
+
+For a fixed time N clients (tools/chaos_client.py) each check every result they get (a seeded pattern copied
+in, copied across, added by an Add in numeric mode, read back and compared) while, once a second, one of:
+a client is killed with SIGKILL (at a random moment of a loop that is copying or launching nearly all the
+time) and replaced; garbage, a frame with a wrong length, or a frame announcing 2 GiB is written (each must
+be refused with EINVAL and the next frame on the same file answered); a frame announcing 256 MiB is written
+in 1 MiB pieces, or copies are asked for and their replies never read, until the buffer limit refuses. Once,
+40 % into the run, the daemon itself is killed with SIGKILL and restarted on its mount point; its clients are
+told their device was lost and start over. Then the abuse phase measures daemon RSS while 8 sessions leave
+replies unread and 8 send unfinished 256 MiB frames, with the default [daemon] buffer limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from interposer import wire
+from interposer.client import FileTransport
+from interposer.wire import COMMANDS, Op
+from npu.errors import AclError, FlexNPUError
+from tools import launch
+from tools.chaos_client import GONE_EXIT
+from tools.tables import plain
+from vdevfs.config import Config
+
+CONFIG = """
+[daemon]
+time_scale = 0
+
+[[physical]]
+name = "npu0"
+chip = "910B2"
+mode = "numeric"
+
+[[virtual]]
+name = "davinci0"
+physical = "npu0"
+memory = "2GiB"
+
+[[virtual]]
+name = "davinci1"
+physical = "npu0"
+memory = "2GiB"
+"""
+DEVICES = ("davinci0", "davinci1")
+MiB = 1 << 20
+ABUSERS = 8
+COPY = 16 * MiB
+
+
+class Sampler(threading.Thread):
+    """Daemon RSS, open file descriptors and buffer bytes held, every 50 ms (the pid changes on a restart)."""
+
+    def __init__(self, pid: int, mount: Path) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.mount = pid, mount
+        self.peak_rss = self.peak_fds = self.peak_held = 0
+        self.stopped = threading.Event()
+
+    def now(self) -> tuple[float, int]:
+        status = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return rss / 1024, len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def sample(self) -> None:
+        with contextlib.suppress(OSError, StopIteration, ValueError):  # the daemon may be restarting
+            rss, fds = self.now()
+            self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
+            self.peak_held = max(self.peak_held, _status(self.mount)["daemon"]["buffers"]["held"])
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.sample()
+
+    def reset_peak(self) -> None:
+        self.peak_rss = self.peak_fds = self.peak_held = 0
+
+
+def _hello() -> bytes:
+    record = wire.encode_record(COMMANDS[Op.HELLO], 1, version=wire.PROTOCOL_VERSION, phase=0, pad=0, pid=0)
+    return b"".join(wire.frame(record, 1))
+
+
+def _header(length: int) -> bytes:
+    return wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, length)
+
+
+def _refused_then_served(node: Path, bad: bytes) -> str | None:
+    """The bad write must fail with INVALID_PARAM and the next frame on the same file be answered."""
+    transport = FileTransport(str(node))
+    try:
+        try:
+            transport.send(bad)
+            return "a bad frame was accepted"
+        except FlexNPUError as exc:
+            if exc.code != AclError.INVALID_PARAM:
+                return f"bad frame: {int(exc.code)} {exc.message[:80]}"
+        reply = wire.decode_replies(transport.call(_hello()))[0]
+        return None if reply.status == AclError.SUCCESS else f"next frame: status {reply.status}"
+    finally:
+        transport.close()
+
+
+def _frame(op: Op, seq: int, **args) -> bytes:
+    return b"".join(wire.frame(wire.encode_record(COMMANDS[op], seq, **args), 1))
+
+
+def _unfinished_frame(node: Path, pieces: int) -> tuple[int, bool]:
+    """A session sending a frame that announces 256 MiB as `pieces` 1 MiB pieces (page-aligned, so FUSE passes
+    each on whole). Returns its fd and whether a piece was refused with EINVAL."""
+    fd = os.open(node, os.O_RDWR)
+    piece = mmap.mmap(-1, MiB)
+    piece[:16] = _header(wire.MAX_FRAME)
+    try:
+        for _ in range(pieces):
+            os.write(fd, piece)
+            piece[:16] = bytes(16)  # the body goes on
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return fd, True
+    return fd, False
+
+
+def _unread_copies(node: Path, copies: int) -> FileTransport:
+    """A session asking for `copies` asynchronous 16 MiB device-to-host copies and a sync, then freeing the
+    device memory, and never reading a reply: the quota shows 0 bytes, only the buffer limits hold it back."""
+    transport = FileTransport(str(node))
+    transport.call(_hello())
+    reply = wire.decode_replies(transport.call(_frame(Op.MALLOC, 2, size=COPY, policy=0)))[0]
+    ptr = COMMANDS[Op.MALLOC].reply.parse(reply.payload).ptr
+    transport.call(_frame(Op.MEMSET, 3, ptr=ptr, value=7, count=COPY))  # so its pages are real
+    d2h = COMMANDS[Op.MEMCPY_D2H_ASYNC]
+    parts = [p for i in range(copies) for p in wire.encode_record(d2h, 4 + i, stream=0, dst=0, src=ptr, count=COPY)]
+    parts += wire.encode_record(COMMANDS[Op.DEVICE_SYNC], 4 + copies)
+    os.write(transport.fd, b"".join(wire.frame(parts, copies + 1)))
+    os.write(transport.fd, _frame(Op.FREE, 5 + copies, ptr=ptr))
+    return transport
+
+
+def _read_frame(fd: int) -> list[wire.Reply]:
+    _, length = wire.check_header(os.read(fd, wire.FRAME_HEADER_SIZE))
+    body = bytearray()
+    while len(body) < length:
+        body += os.read(fd, length - len(body))
+    return wire.decode_replies(memoryview(body))
+
+
+class Vandal:
+    """The abuse of one second: a bad frame, or a session's buffer filled until refused. Counts what went
+    otherwise than it must."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.done: Counter[str] = Counter()
+        self.unexpected: Counter[str] = Counter()
+        self.acts = itertools.cycle(["garbage", "wrong_length", "oversized", "unfinished_frame", "unread_copies"])
+
+    def act(self) -> None:
+        kind = next(self.acts)
+        node = self.mount / random.choice(DEVICES)
+        try:
+            problem = getattr(self, kind)(node)
+        except (OSError, FlexNPUError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"[:100]
+        self.done[kind] += 1
+        if problem is not None:
+            self.unexpected[f"{kind}: {problem}"] += 1
+
+    def garbage(self, node: Path) -> str | None:
+        return _refused_then_served(node, random.randbytes(200))
+
+    def wrong_length(self, node: Path) -> str | None:
+        return _refused_then_served(node, _header(len(_hello())) + _hello()[16:])
+
+    def oversized(self, node: Path) -> str | None:
+        return _refused_then_served(node, _header(2 << 30))
+
+    def unfinished_frame(self, node: Path) -> str | None:
+        fd, refused = _unfinished_frame(node, Config.session_buffer // MiB + 2)
+        os.close(fd)
+        return None if refused else "a frame past the session's buffer limit was taken"
+
+    def unread_copies(self, node: Path) -> str | None:
+        transport = _unread_copies(node, Config.session_buffer // COPY + 2)
+        try:
+            sync = _read_frame(transport.fd)[-1]
+            if sync.status != AclError.RT_OVER_LIMIT:
+                return f"copies past the session's buffer limit: sync answered {sync.status}"
+            return None
+        finally:
+            transport.close()
+
+
+class Clients:
+    """The verifying clients: started, killed and replaced; their reports summed at the end."""
+
+    def __init__(self, mount: Path, reports: Path, deadline: float) -> None:
+        self.mount, self.reports, self.deadline = mount, reports, deadline
+        self.running: dict[int, subprocess.Popen] = {}
+        self.lives = itertools.count()
+        self.killed = 0
+        self.unexpected_exits: list[str] = []
+
+    def start(self, slot: int) -> None:
+        life = next(self.lives)
+        node = self.mount / DEVICES[slot % len(DEVICES)]
+        seconds = max(0.0, self.deadline - time.monotonic())
+        args = [sys.executable, "-m", "tools.chaos_client", str(node), str(life), f"{seconds:.1f}"]
+        self.running[slot] = subprocess.Popen(
+            [*args, str(self.reports / f"{life}.json")], stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
+        )
+
+    def kill_one(self) -> None:
+        slot = random.choice(list(self.running))
+        self.running[slot].send_signal(signal.SIGKILL)
+        self.running[slot].wait()
+        self.killed += 1
+        self.start(slot)
+
+    def reap(self, restart: bool) -> None:
+        for slot, proc in list(self.running.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode not in (0, GONE_EXIT, -signal.SIGKILL):
+                self.unexpected_exits.append(f"exit {proc.returncode}: {proc.stderr.read().decode()[-300:]}")
+            del self.running[slot]
+            if restart and time.monotonic() < self.deadline - 1:
+                self.start(slot)
+
+    def totals(self) -> dict:
+        total = {"calls": 0, "rounds": 0, "wrong": 0}
+        errors: Counter[str] = Counter()
+        for report in self.reports.glob("*.json"):
+            data = json.loads(report.read_text())
+            for key in total:
+                total[key] += data[key]
+            errors.update(data["errors"])
+        expected = errors.pop("daemon_gone", 0)
+        return total | {"lives": len(list(self.reports.glob("*.json"))), "expected_errors": expected, "errors": errors}
+
+
+def _status(mount: Path) -> dict:
+    return json.loads((mount / "status").read_text())
+
+
+def _leftovers(mount: Path, timeout: float = 30.0) -> dict:
+    """Sessions, device memory and buffer bytes still held; FUSE releases a killed process's files
+    asynchronously, so this waits (with a deadline) for them to reach zero."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _status(mount)
+        left = {
+            "sessions": sum(len(v["sessions"]) for v in status["virtual"]),
+            "memory_bytes": sum(v["memory_used"] for v in status["virtual"]),
+            "buffer_bytes": status["daemon"]["buffers"]["held"],
+        }
+        if not any(left.values()) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _abuse(mount: Path, sampler: Sampler) -> dict:
+    """Daemon RSS while ABUSERS sessions each fill their buffers to just under their own limit, one way and
+    then the other: the daemon-wide limit is what stops the later ones."""
+    figures: dict = {"rss_idle_MiB": sampler.now()[0]}
+    for name in ("unread_copies", "unfinished_frames"):
+        sampler.reset_peak()
+        if name == "unread_copies":
+            sessions = [_unread_copies(mount / DEVICES[i % 2], Config.session_buffer // COPY - 1) for i in range(8)]
+            fds, refused = [t.fd for t in sessions], None
+        else:
+            opened = [_unfinished_frame(mount / DEVICES[i % 2], Config.session_buffer // MiB - 1) for i in range(8)]
+            fds, refused = [fd for fd, _ in opened], sum(r for _, r in opened)
+        sampler.sample()
+        figures[name] = {"rss_peak_MiB": sampler.peak_rss, "held_peak_MiB": sampler.peak_held / MiB}
+        if refused is not None:
+            figures[name]["sessions_refused"] = refused
+        for fd in fds:
+            os.close(fd)
+    figures["left"] = _leftovers(mount)
+    figures["rss_after_MiB"] = sampler.now()[0]
+    return figures
+
+
+def run(quick: bool = False, seconds: float | None = None, workers: int | None = None) -> dict:
+    seconds = seconds or (30.0 if quick else 150.0)
+    workers = workers or (4 if quick else 8)
+    random.seed(10)
+    with tempfile.TemporaryDirectory(prefix="flexnpu-chaos-") as tmp, contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        config, mount, reports, log = base / "chaos.toml", base / "dev", base / "reports", base / "daemon.log"
+        config.write_text(CONFIG)
+        reports.mkdir()
+        proc = stack.enter_context(launch.daemon(mount, config, log))
+        sampler = Sampler(proc.pid, mount)
+        sampler.start()
+        rss_before, fds_before = sampler.now()
+        started = time.monotonic()
+        clients = Clients(mount, reports, started + seconds)
+        vandal = Vandal(mount)
+        for slot in range(workers):
+            clients.start(slot)
+        restarted_after = None
+        for tick in itertools.count():
+            if time.monotonic() >= started + seconds:
+                break
+            if restarted_after is None and time.monotonic() >= started + 0.4 * seconds:
+                proc.kill()
+                proc.wait()
+                t = time.monotonic()
+                proc = stack.enter_context(launch.daemon(mount, config, log))  # recovers the stale mount
+                restarted_after = time.monotonic() - t
+                sampler.pid = proc.pid
+            clients.reap(restart=True)
+            if tick % 2 == 0 and clients.running:
+                clients.kill_one()
+            else:
+                vandal.act()
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started) % 1.0))  # the pace of the chaos, once a second
+        while clients.running:
+            clients.reap(restart=False)
+            time.sleep(0.1)
+        left = _leftovers(mount)
+        rss_after, fds_after = sampler.now()
+        chaos_peak = (sampler.peak_rss, sampler.peak_fds)
+        abuse = _abuse(mount, sampler)
+        sampler.stopped.set()
+        recovered = "stale_mount_recovered" in log.read_text()
+        totals = clients.totals()
+    return {
+        "seconds": seconds,
+        "clients": workers,
+        **totals,
+        "clients_killed": clients.killed,
+        "unexpected_exits": clients.unexpected_exits,
+        "vandal": dict(vandal.done),
+        "vandal_unexpected": dict(vandal.unexpected),
+        "daemon_restarted_in_s": restarted_after,
+        "stale_mount_recovered": recovered,
+        "left": left,
+        "daemon_rss_MiB": {"before": rss_before, "peak": chaos_peak[0], "after": rss_after},
+        "daemon_fds": {"before": fds_before, "peak": chaos_peak[1], "after": fds_after},
+        "abuse": abuse,
+        "limits_MiB": {"session_buffer": Config.session_buffer / MiB, "daemon_buffer": Config.daemon_buffer / MiB},
+        "targets": {"wrong": 0, "unexpected errors": 0, "left": "0 sessions, 0 bytes", "rss": "back to idle"},
+    }
+
+
+def render(r: dict) -> str:
+    rss, fds, left, abuse = r["daemon_rss_MiB"], r["daemon_fds"], r["left"], r["abuse"]
+    unexpected = sum(r["errors"].values()) + sum(r["vandal_unexpected"].values()) + len(r["unexpected_exits"])
+    rows = [
+        ("what", "value", "target"),
+        ("run", f"{r['seconds']:.0f} s, {r['clients']} verifying clients, {r['lives']} client lives", ""),
+        ("calls made / rounds verified", f"{r['calls']:,} / {r['rounds']:,}", ""),
+        ("wrong results", str(r["wrong"]), "0"),
+        ("clients killed (SIGKILL)", str(r["clients_killed"]), ""),
+        ("bad frames and buffer fills", ", ".join(f"{k} {v}" for k, v in sorted(r["vandal"].items())), ""),
+        ("daemon killed and restarted", f"once, serving again in {r['daemon_restarted_in_s']:.2f} s", ""),
+        ("expected errors (device lost)", str(r["expected_errors"]), ""),
+        ("other errors", str(unexpected), "0"),
+        (
+            "left after: sessions / memory / buffers",
+            f"{left['sessions']} / {left['memory_bytes']} / {left['buffer_bytes']} B",
+            "0 / 0 / 0",
+        ),
+        ("daemon RSS before / peak / after", f"{rss['before']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} MiB", ""),
+        ("daemon fds before / peak / after", f"{fds['before']} / {fds['peak']} / {fds['after']}", ""),
+    ]
+    out = [plain(rows)]
+    lim, copies, frames = r["limits_MiB"], abuse["unread_copies"], abuse["unfinished_frames"]
+    out.append(
+        f"\nabuse, {ABUSERS} sessions each (limits: {lim['session_buffer']:.0f} MiB a session, "
+        f"{lim['daemon_buffer']:.0f} MiB in all): daemon RSS idle {abuse['rss_idle_MiB']:.0f} MiB; "
+        f"unread copies of freed memory: peak {copies['rss_peak_MiB']:.0f} MiB (held {copies['held_peak_MiB']:.0f}"
+        f" MiB); unfinished 256 MiB frames: peak {frames['rss_peak_MiB']:.0f} MiB (held "
+        f"{frames['held_peak_MiB']:.0f} MiB, {frames['sessions_refused']} sessions refused); "
+        f"after {abuse['rss_after_MiB']:.0f} MiB"
+    )
+    problems = [*r["unexpected_exits"], *r["vandal_unexpected"], *r["errors"]]
+    if problems:
+        out.append("unexpected:\n  " + "\n  ".join(problems))
+    return "\n".join(out)
