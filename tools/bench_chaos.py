@@ -137,10 +137,9 @@ def _unfinished_frame(node: Path, pieces: int) -> tuple[int, bool]:
     return fd, False
 
 
-def _unread_copies(node: Path, copies: int) -> FileTransport:
-    """A session asking for `copies` asynchronous 16 MiB device-to-host copies and a sync, then freeing the
-    device memory, and never reading a reply: the quota shows 0 bytes, only the buffer limits hold it back."""
-    transport = FileTransport(str(node))
+def _unread_copies(transport: FileTransport, copies: int) -> int:
+    """Ask for `copies` asynchronous 16 MiB device-to-host copies and a sync, and read nothing: only the buffer
+    limits hold the copies back. Returns the device address copied from."""
     transport.call(_hello())
     reply = wire.decode_replies(transport.call(_frame(Op.MALLOC, 2, size=COPY, policy=0)))[0]
     ptr = COMMANDS[Op.MALLOC].reply.parse(reply.payload).ptr
@@ -149,8 +148,11 @@ def _unread_copies(node: Path, copies: int) -> FileTransport:
     parts = [p for i in range(copies) for p in wire.encode_record(d2h, 4 + i, stream=0, dst=0, src=ptr, count=COPY)]
     parts += wire.encode_record(COMMANDS[Op.DEVICE_SYNC], 4 + copies)
     os.write(transport.fd, b"".join(wire.frame(parts, copies + 1)))
-    os.write(transport.fd, _frame(Op.FREE, 5 + copies, ptr=ptr))
-    return transport
+    return ptr
+
+
+def _free(transport: FileTransport, ptr: int) -> None:
+    os.write(transport.fd, _frame(Op.FREE, 1000, ptr=ptr))
 
 
 def _read_frame(fd: int) -> list[wire.Reply]:
@@ -197,9 +199,11 @@ class Vandal:
         return None if refused else "a frame past the session's buffer limit was taken"
 
     def unread_copies(self, node: Path) -> str | None:
-        transport = _unread_copies(node, Config.session_buffer // COPY + 2)
+        transport = FileTransport(str(node))
         try:
+            ptr = _unread_copies(transport, Config.session_buffer // COPY + 2)
             sync = _read_frame(transport.fd)[-1]
+            _free(transport, ptr)
             if sync.status != AclError.RT_OVER_LIMIT:
                 return f"copies past the session's buffer limit: sync answered {sync.status}"
             return None
@@ -282,10 +286,18 @@ def _abuse(mount: Path, sampler: Sampler) -> dict:
     for name in ("unread_copies", "unfinished_frames"):
         sampler.reset_peak()
         if name == "unread_copies":
-            sessions = [_unread_copies(mount / DEVICES[i % 2], Config.session_buffer // COPY - 1) for i in range(8)]
+            sessions = [FileTransport(str(mount / DEVICES[i % 2])) for i in range(ABUSERS)]
             fds, refused = [t.fd for t in sessions], None
+            for transport in sessions:
+                # Free the device memory too: the quota then shows 0 bytes used, as in the reported abuse (once
+                # the daemon's buffers are full even that small frame may be refused: the memory then stays).
+                ptr = _unread_copies(transport, Config.session_buffer // COPY - 1)
+                with contextlib.suppress(OSError):
+                    _free(transport, ptr)
         else:
-            opened = [_unfinished_frame(mount / DEVICES[i % 2], Config.session_buffer // MiB - 1) for i in range(8)]
+            opened = [
+                _unfinished_frame(mount / DEVICES[i % 2], Config.session_buffer // MiB - 1) for i in range(ABUSERS)
+            ]
             fds, refused = [fd for fd, _ in opened], sum(r for _, r in opened)
         sampler.sample()
         figures[name] = {"rss_peak_MiB": sampler.peak_rss, "held_peak_MiB": sampler.peak_held / MiB}

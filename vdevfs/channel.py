@@ -28,6 +28,7 @@ from vdevfs.limits import BufferAccount, BufferFull
 # The shortest write that may end inside a frame. The client's own pieces are far longer: a big frame is one
 # buffer, or a writev of a few headers and the bulk data, or of over 64 KiB in at most 1024 buffers.
 MIN_PIECE = mmap.PAGESIZE
+REPLY_ROOM = 512  # kept for each synchronous record's reply: a header and an error message
 FRAME_START = wire.MAGIC + wire.PROTOCOL_VERSION.to_bytes(2, "little")
 
 
@@ -54,16 +55,18 @@ class Channel:
         self.writing = True
         try:
             self._run_deferred()
-            self.account.check(len(data), "this write")
             if self.frames.pending and data[: len(FRAME_START)] == FRAME_START:
                 self.log.warning("frame_abandoned", received=self.frames.pending, reason="a new frame began")
                 self.frames = FrameBuffer()
+            before = self.frames.pending
             complete = self.frames.feed(data)
             if self.frames.pending and len(data) < MIN_PIECE:
                 raise ProtocolError(
                     f"truncated frame: the write ended {self.frames.pending} bytes into a frame whose header "
                     "announces more; write each frame whole, with the length its header gives"
                 )
+            if self.frames.pending > before:  # what stays here until the rest of the frame comes
+                self.account.check(self.frames.pending - before, "this piece of an unfinished frame")
             self._recount()
             for count, body in complete:
                 await self._run(wire.decode_records(count, body))  # a malformed frame fails its own write
@@ -92,9 +95,9 @@ class Channel:
             self.deferred.append(records)
             self.spawn(self._run_deferred_soon)
             return
-        copies = sum(r.args.count for r in records if r.command.op is Op.MEMCPY_D2H)
-        self.account.check(copies, "the reply to this frame")
-        self.reserved = copies
+        room = sum(r.args.count if r.command.op is Op.MEMCPY_D2H else REPLY_ROOM for r in records if r.command.sync)
+        self.account.check(room, "the reply to this frame")
+        self.reserved = room
         self._recount()
         reply = await answer_async(self, records)
         self.reserved = 0

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from npu.errors import AclError, FlexNPUError
 
 MiB = 1 << 20
+# A session holding less than this is never refused for the daemon's sake: small calls go on, whatever other
+# sessions hold (the daemon-wide limit can be overshot by this much per session, no more).
+ALLOWANCE = 64 << 10
 
 
 class BufferFull(FlexNPUError):
@@ -50,7 +53,7 @@ class BufferAccount:
                 f"{_mib(limits.session)} ({_mib(self.held)} already held in unread replies and unfinished frames; "
                 "[daemon] session_buffer): read the replies you asked for, or copy in smaller pieces"
             )
-        if limits.held + extra > limits.total:
+        if self.held + extra > ALLOWANCE and limits.held + extra > limits.total:
             raise BufferFull(
                 f"{self.device}: {what} ({_mib(extra)}) does not fit in the daemon's buffers for all sessions "
                 f"({_mib(limits.held)} of {_mib(limits.total)} held; [daemon] daemon_buffer): try again once "
