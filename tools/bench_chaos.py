@@ -226,9 +226,10 @@ class Clients:
         node = self.mount / DEVICES[slot % len(DEVICES)]
         seconds = max(0.0, self.deadline - time.monotonic())
         args = [sys.executable, "-m", "tools.chaos_client", str(node), str(life), f"{seconds:.1f}"]
-        self.running[slot] = subprocess.Popen(
-            [*args, str(self.reports / f"{life}.json")], stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
-        )
+        with open(self.reports / f"{life}.err", "wb") as err:
+            self.running[slot] = subprocess.Popen(
+                [*args, str(self.reports / f"{life}.json")], stderr=err, cwd=Path(__file__).parent.parent
+            )
 
     def kill_one(self) -> None:
         slot = random.choice(list(self.running))
@@ -242,7 +243,8 @@ class Clients:
             if proc.poll() is None:
                 continue
             if proc.returncode not in (0, GONE_EXIT, -signal.SIGKILL):
-                self.unexpected_exits.append(f"exit {proc.returncode}: {proc.stderr.read().decode()[-300:]}")
+                err = Path(proc.args[-1]).with_suffix(".err").read_text()  # beside the client's report
+                self.unexpected_exits.append(f"exit {proc.returncode}: {err[-300:]}")
             del self.running[slot]
             if restart and time.monotonic() < self.deadline - 1:
                 self.start(slot)
@@ -310,6 +312,20 @@ def _abuse(mount: Path, sampler: Sampler) -> dict:
     return figures
 
 
+def _abuse_without_limits(base: Path) -> dict:
+    """The baseline for the abuse figures, from the same run: the same abuse against a daemon whose buffer
+    limits are out of reach (1 TiB), which is what every daemon was before it had them."""
+    config, mount = base / "unlimited.toml", base / "unlimited"
+    config.write_text(CONFIG.replace("[daemon]\n", '[daemon]\nsession_buffer = "1024GiB"\ndaemon_buffer = "1024GiB"\n'))
+    with launch.daemon(mount, config, base / "unlimited.log") as proc:
+        sampler = Sampler(proc.pid, mount)
+        sampler.start()
+        try:
+            return _abuse(mount, sampler)
+        finally:
+            sampler.stopped.set()
+
+
 def run(quick: bool = False, seconds: float | None = None, workers: int | None = None) -> dict:
     seconds = seconds or (30.0 if quick else 150.0)
     workers = workers or (4 if quick else 8)
@@ -355,6 +371,7 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         sampler.stopped.set()
         recovered = "stale_mount_recovered" in log.read_text()
         totals = clients.totals()
+        unlimited = _abuse_without_limits(base)
     return {
         "seconds": seconds,
         "clients": workers,
@@ -369,6 +386,7 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         "daemon_rss_MiB": {"before": rss_before, "peak": chaos_peak[0], "after": rss_after},
         "daemon_fds": {"before": fds_before, "peak": chaos_peak[1], "after": fds_after},
         "abuse": abuse,
+        "abuse_without_limits": unlimited,
         "limits_MiB": {"session_buffer": Config.session_buffer / MiB, "daemon_buffer": Config.daemon_buffer / MiB},
         "targets": {"wrong": 0, "unexpected errors": 0, "left": "0 sessions, 0 bytes", "rss": "back to idle"},
     }
@@ -396,14 +414,28 @@ def render(r: dict) -> str:
         ("daemon fds before / peak / after", f"{fds['before']} / {fds['peak']} / {fds['after']}", ""),
     ]
     out = [plain(rows)]
-    lim, copies, frames = r["limits_MiB"], abuse["unread_copies"], abuse["unfinished_frames"]
+    lim = r["limits_MiB"]
+
+    def column(a: dict) -> tuple[str, ...]:
+        copies, frames = a["unread_copies"], a["unfinished_frames"]
+        return (
+            f"{a['rss_idle_MiB']:.0f} MiB",
+            f"{copies['rss_peak_MiB']:.0f} MiB (held {copies['held_peak_MiB']:.0f})",
+            f"{frames['rss_peak_MiB']:.0f} MiB (held {frames['held_peak_MiB']:.0f}, "
+            f"{frames['sessions_refused']} of {ABUSERS} refused)",
+            f"{a['rss_after_MiB']:.0f} MiB",
+        )
+
+    limited, unlimited = column(abuse), column(r["abuse_without_limits"])
+    labels = ("idle", "unread copies of freed memory: peak", "unfinished 256 MiB frames: peak", "after")
     out.append(
-        f"\nabuse, {ABUSERS} sessions each (limits: {lim['session_buffer']:.0f} MiB a session, "
-        f"{lim['daemon_buffer']:.0f} MiB in all): daemon RSS idle {abuse['rss_idle_MiB']:.0f} MiB; "
-        f"unread copies of freed memory: peak {copies['rss_peak_MiB']:.0f} MiB (held {copies['held_peak_MiB']:.0f}"
-        f" MiB); unfinished 256 MiB frames: peak {frames['rss_peak_MiB']:.0f} MiB (held "
-        f"{frames['held_peak_MiB']:.0f} MiB, {frames['sessions_refused']} sessions refused); "
-        f"after {abuse['rss_after_MiB']:.0f} MiB"
+        f"\nabuse, {ABUSERS} sessions each: daemon RSS\n"
+        + plain(
+            [
+                ("", f"limits {lim['session_buffer']:.0f} / {lim['daemon_buffer']:.0f} MiB", "no limits (baseline)"),
+                *zip(labels, limited, unlimited, strict=True),
+            ]
+        )
     )
     problems = [*r["unexpected_exits"], *r["vandal_unexpected"], *r["errors"]]
     if problems:
