@@ -36,15 +36,18 @@ FRAME_START = wire.MAGIC + wire.PROTOCOL_VERSION.to_bytes(2, "little")
 class Channel:
     handler: Handler
     log: structlog.typing.FilteringBoundLogger
-    account: BufferAccount
+    account: BufferAccount  # what this session holds here: the unfinished frame, unread replies
     spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
     frames: FrameBuffer = field(default_factory=FrameBuffer)
+    partial: int = 0  # bytes of the unfinished frame, as last counted
     replies: list[bytes | memoryview] = field(default_factory=list)
     queued: int = 0  # bytes in replies
-    reserved: int = 0  # room kept for the reply of the frame now running
     deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
     writing: bool = False
     done_writing: trio.Event | None = None  # made only when a second writer has to wait
+
+    def __post_init__(self) -> None:
+        self.execute = self.handler.execute  # the session logic drives this channel as its Handler
 
     async def write(self, data: bytes) -> None:
         # Writes to one channel must not interleave while one waits on the device. This is a lock whose
@@ -55,71 +58,80 @@ class Channel:
         self.writing = True
         try:
             self._run_deferred()
-            if self.frames.pending and data[: len(FRAME_START)] == FRAME_START:
-                self.log.warning("frame_abandoned", received=self.frames.pending, reason="a new frame began")
-                self.frames = FrameBuffer()
-            before = self.frames.pending
+            if self.partial and data[: len(FRAME_START)] == FRAME_START:
+                self.log.warning("frame_abandoned", received=self.partial, reason="a new frame began")
+                self._drop_partial()
             complete = self.frames.feed(data)
-            if self.frames.pending and len(data) < MIN_PIECE:
-                raise ProtocolError(
-                    f"truncated frame: the write ended {self.frames.pending} bytes into a frame whose header "
-                    "announces more; write each frame whole, with the length its header gives"
-                )
-            if self.frames.pending > before:  # what stays here until the rest of the frame comes
-                self.account.check(self.frames.pending - before, "this piece of an unfinished frame")
-            self._recount()
+            pending = self.frames.pending
+            if pending != self.partial:
+                if pending and len(data) < MIN_PIECE:
+                    raise ProtocolError(
+                        f"truncated frame: the write ended {pending} bytes into a frame whose header announces "
+                        "more; write each frame whole, with the length its header gives"
+                    )
+                if pending > self.partial:  # what stays here until the rest of the frame comes
+                    self.account.check(pending - self.partial, "this piece of an unfinished frame")
+                self.account.add(pending - self.partial)
+                self.partial = pending
             for count, body in complete:
                 await self._run(wire.decode_records(count, body))  # a malformed frame fails its own write
         except FlexNPUError as exc:
             # Drop the bad frame and whatever followed it in this write. The write fails with EINVAL; the
             # explanation waits in a reply (seq 0), if it fits, for a client that wants to tell its user.
             self.log.warning("frame_refused", error=exc.message)
-            self.frames = FrameBuffer()
-            self.reserved = 0
+            self._drop_partial()
             explanation = wire.frame(wire.encode_reply(0, exc.code, exc.message.encode()), 1)
             with contextlib.suppress(BufferFull):  # a client that never reads gets no more of them
                 self.account.check(sum(len(p) for p in explanation), "the explanation")
                 self._queue(explanation)
             raise
         finally:
-            self._recount()
             self.writing = False
             if self.done_writing is not None:
                 self.done_writing.set()
                 self.done_writing = None
 
     async def _run(self, records: list[Record]) -> None:
-        if self.spawn is not None and not any(r.command.sync for r in records):
+        if self.spawn is not None and not records[-1].command.sync and not any(r.command.sync for r in records):
             # Nobody waits for an answer: let the write return now and run the records right after, so the
             # client encodes its next batch while the daemon translates this one.
             self.deferred.append(records)
             self.spawn(self._run_deferred_soon)
             return
-        room = sum(r.args.count if r.command.op is Op.MEMCPY_D2H else REPLY_ROOM for r in records if r.command.sync)
-        self.account.check(room, "the reply to this frame")
-        self.reserved = room
-        self._recount()
-        reply = await answer_async(self, records)
-        self.reserved = 0
+        room = 0  # kept for the reply: the bytes of blocking device-to-host copies, and a little per record
+        for record in records:
+            if record.command.op is Op.MEMCPY_D2H:
+                room += record.args.count
+        if room or self.queued:  # a client that reads its replies asks for no room otherwise: keep its path short
+            room += REPLY_ROOM * len(records)
+            self.account.check(room, "the reply to this frame")
+            self.account.add(room)
+        try:
+            reply = await answer_async(self, records)
+        finally:
+            if room:
+                self.account.add(-room)
         if reply is not None:
             self._queue(reply)
 
     def _queue(self, reply: wire.Parts) -> None:
         self.replies += reply
-        self.queued += sum(len(p) for p in reply)
-        self._recount()
+        size = len(reply[0]) if len(reply) == 1 else sum(len(p) for p in reply)
+        self.queued += size
+        self.account.add(size)
 
-    def _recount(self) -> None:
-        self.account.set(self.frames.pending + self.queued + self.reserved + self.account.delivering)
-
-    # -- the Handler the session logic drives: the translator, with the results of copies accounted for ----
-
-    def execute(self, record: Record):
-        return self.handler.execute(record)
+    def _drop_partial(self) -> None:
+        self.frames = FrameBuffer()
+        self.account.add(-self.partial)
+        self.partial = 0
 
     def take_deliveries(self) -> list[tuple[int, bytes]]:
+        """The translator's, now becoming part of a reply (queued, so no longer counted as deliveries)."""
         taken = self.handler.take_deliveries()
-        self.account.delivering -= sum(len(data) for _, data in taken)  # now part of the reply
+        if taken:
+            size = sum(len(data) for _, data in taken)
+            self.account.delivering -= size
+            self.account.add(-size)
         return taken
 
     def _run_deferred(self) -> None:
@@ -156,5 +168,5 @@ class Channel:
                 size -= len(parts[-1])
             out = b"".join(parts)
         self.queued -= len(out)
-        self._recount()
+        self.account.add(-len(out))
         return out

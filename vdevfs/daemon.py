@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -68,20 +66,8 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def return_freed_memory() -> None:
-    """glibc raises its mmap threshold each time a big block is freed (up to 32 MiB); after that, freed copy
-    buffers and frames stay in the heap and RSS never comes back down. A fixed threshold keeps every block of
-    128 KiB or more in its own mapping, returned to the system when freed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10)
-
-
 async def serve(topology: Topology, mountpoint: Path, config_source: str, limits: BufferLimits) -> None:
     prepare_mountpoint(mountpoint)
-    return_freed_memory()
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
     fs = DeviceFS(topology, info, limits)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}

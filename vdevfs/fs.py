@@ -23,7 +23,7 @@ from interposer.translate import Translator, VersionOnly
 from npu.errors import FlexNPUError
 from vdevfs import access
 from vdevfs.channel import Channel
-from vdevfs.limits import BufferAccount, BufferLimits
+from vdevfs.limits import BufferAccount, BufferLimits, give_back_freed_memory
 
 log = structlog.get_logger()
 
@@ -163,6 +163,7 @@ class DeviceFS(pyfuse3.Operations):
         content = self.open_files.pop(fh, None)
         if isinstance(content, Channel):
             content.close()
+            give_back_freed_memory()
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):

@@ -8,6 +8,8 @@ session's bytes count against its own limit and, with every other session's, aga
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ class BufferLimits:
 
 @dataclass(eq=False)
 class BufferAccount:
-    """One session's held bytes: the channel sets the figure as it changes and asks before taking more."""
+    """One session's held bytes: the channel adds to the figure as it changes and asks before taking more."""
 
     limits: BufferLimits
     device: str
@@ -66,15 +68,28 @@ class BufferAccount:
         closed channel's buffers would then wait for the garbage collector.)"""
         self.check(size, f"the result of asynchronous memcpy seq {seq}")
         self.delivering += size
-        self.set(self.held + size)
+        self.add(size)
 
-    def set(self, held: int) -> None:
-        self.limits.held += held - self.held
-        self.held = held
+    def add(self, n: int) -> None:
+        """n more bytes held (fewer, if negative)."""
+        self.held += n
+        self.limits.held += n
 
     def close(self) -> None:
-        self.set(0)
+        self.add(-self.held)
+        self.delivering = 0
 
 
 def _mib(n: int) -> str:
     return f"{n / MiB:.1f} MiB"
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system. glibc serves big blocks from the heap once it has freed a
+    few (its mmap threshold rises up to 32 MiB), and free pages inside the heap stay resident: without this,
+    the RSS a closed session's copies and frames took would never come back down."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(None)
