@@ -8,7 +8,8 @@ be refused with EINVAL and the next frame on the same file answered); a frame an
 in 1 MiB pieces, or copies are asked for and their replies never read, until the buffer limit refuses. Once,
 40 % into the run, the daemon itself is killed with SIGKILL and restarted on its mount point; its clients are
 told their device was lost and start over. Then the abuse phase measures daemon RSS while 8 sessions leave
-replies unread and 8 send unfinished 256 MiB frames, with the default [daemon] buffer limits.
+copies of freed device memory unread and 8 send unfinished 256 MiB frames, with the default [daemon] buffer
+limits and, as the baseline from the same run, on a daemon whose limits are out of reach.
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ class Sampler(threading.Thread):
         self.peak_rss = self.peak_fds = self.peak_held = 0
 
 
+def _frame(op: Op, seq: int, **args) -> bytes:
+    return b"".join(wire.frame(wire.encode_record(COMMANDS[op], seq, **args), 1))
+
+
 def _hello() -> bytes:
-    record = wire.encode_record(COMMANDS[Op.HELLO], 1, version=wire.PROTOCOL_VERSION, phase=0, pad=0, pid=0)
-    return b"".join(wire.frame(record, 1))
+    return _frame(Op.HELLO, 1, version=wire.PROTOCOL_VERSION, phase=0, pad=0, pid=0)
 
 
 def _header(length: int) -> bytes:
@@ -116,18 +120,14 @@ def _refused_then_served(node: Path, bad: bytes) -> str | None:
         transport.close()
 
 
-def _frame(op: Op, seq: int, **args) -> bytes:
-    return b"".join(wire.frame(wire.encode_record(COMMANDS[op], seq, **args), 1))
-
-
-def _unfinished_frame(node: Path, pieces: int) -> tuple[int, bool]:
-    """A session sending a frame that announces 256 MiB as `pieces` 1 MiB pieces (page-aligned, so FUSE passes
-    each on whole). Returns its fd and whether a piece was refused with EINVAL."""
+def _unfinished_frame(node: Path, announced: int) -> tuple[int, bool]:
+    """A session sending a frame that announces `announced` bytes, in 1 MiB pieces (page-aligned, so FUSE passes
+    each on whole), all but the last. Returns its fd and whether a piece was refused with EINVAL."""
     fd = os.open(node, os.O_RDWR)
     piece = mmap.mmap(-1, MiB)
-    piece[:16] = _header(wire.MAX_FRAME)
+    piece[:16] = _header(announced - wire.FRAME_HEADER_SIZE)
     try:
-        for _ in range(pieces):
+        for _ in range(announced // MiB - 1):
             os.write(fd, piece)
             piece[:16] = bytes(16)  # the body goes on
     except OSError as exc:
@@ -194,7 +194,7 @@ class Vandal:
         return _refused_then_served(node, _header(2 << 30))
 
     def unfinished_frame(self, node: Path) -> str | None:
-        fd, refused = _unfinished_frame(node, Config.session_buffer // MiB + 2)
+        fd, refused = _unfinished_frame(node, Config.session_buffer + MiB)
         os.close(fd)
         return None if refused else "a frame past the session's buffer limit was taken"
 
@@ -281,15 +281,24 @@ def _leftovers(mount: Path, timeout: float = 30.0) -> dict:
         time.sleep(0.1)
 
 
+ABUSES = {
+    "unread_copies": "copies of freed memory left unread",
+    "frames_256MiB": "unfinished frames announcing 256 MiB",
+    "frames_under_limit": "unfinished frames just under the session limit",
+}
+
+
 def _abuse(mount: Path, sampler: Sampler) -> dict:
-    """Daemon RSS while ABUSERS sessions each fill their buffers to just under their own limit, one way and
-    then the other: the daemon-wide limit is what stops the later ones."""
+    """Daemon RSS while ABUSERS sessions each hold what the daemon will take, one way after the other: copies
+    of freed device memory left unread, or unfinished frames (of 256 MiB, as in the report that led to the
+    limits, and just under the session limit, where the daemon-wide limit is what stops the later ones)."""
     figures: dict = {"rss_idle_MiB": sampler.now()[0]}
-    for name in ("unread_copies", "unfinished_frames"):
+    for name in ABUSES:
         sampler.reset_peak()
+        nodes = [mount / DEVICES[i % 2] for i in range(ABUSERS)]
         if name == "unread_copies":
-            sessions = [FileTransport(str(mount / DEVICES[i % 2])) for i in range(ABUSERS)]
-            fds, refused = [t.fd for t in sessions], None
+            sessions = [FileTransport(str(node)) for node in nodes]
+            fds, refused = [t.fd for t in sessions], 0
             for transport in sessions:
                 # Free the device memory too: the quota then shows 0 bytes used, as in the reported abuse (once
                 # the daemon's buffers are full even that small frame may be refused: the memory then stays).
@@ -297,14 +306,15 @@ def _abuse(mount: Path, sampler: Sampler) -> dict:
                 with contextlib.suppress(OSError):
                     _free(transport, ptr)
         else:
-            opened = [
-                _unfinished_frame(mount / DEVICES[i % 2], Config.session_buffer // MiB - 1) for i in range(ABUSERS)
-            ]
+            size = wire.MAX_FRAME if name == "frames_256MiB" else Config.session_buffer - MiB
+            opened = [_unfinished_frame(node, size) for node in nodes]
             fds, refused = [fd for fd, _ in opened], sum(r for _, r in opened)
         sampler.sample()
-        figures[name] = {"rss_peak_MiB": sampler.peak_rss, "held_peak_MiB": sampler.peak_held / MiB}
-        if refused is not None:
-            figures[name]["sessions_refused"] = refused
+        figures[name] = {
+            "rss_peak_MiB": sampler.peak_rss,
+            "held_peak_MiB": sampler.peak_held / MiB,
+            "sessions_refused": refused,
+        }
         for fd in fds:
             os.close(fd)
     figures["left"] = _leftovers(mount)
@@ -416,24 +426,21 @@ def render(r: dict) -> str:
     out = [plain(rows)]
     lim = r["limits_MiB"]
 
-    def column(a: dict) -> tuple[str, ...]:
-        copies, frames = a["unread_copies"], a["unfinished_frames"]
-        return (
-            f"{a['rss_idle_MiB']:.0f} MiB",
-            f"{copies['rss_peak_MiB']:.0f} MiB (held {copies['held_peak_MiB']:.0f})",
-            f"{frames['rss_peak_MiB']:.0f} MiB (held {frames['held_peak_MiB']:.0f}, "
-            f"{frames['sessions_refused']} of {ABUSERS} refused)",
-            f"{a['rss_after_MiB']:.0f} MiB",
-        )
+    def column(a: dict) -> list[str]:
+        cells = [f"{a['rss_idle_MiB']:.0f} MiB"]
+        for name in ABUSES:
+            f = a[name]
+            refused = f", {f['sessions_refused']} of {ABUSERS} refused" if name != "unread_copies" else ""
+            cells.append(f"{f['rss_peak_MiB']:.0f} MiB (held {f['held_peak_MiB']:.0f}{refused})")
+        return [*cells, f"{a['rss_after_MiB']:.0f} MiB"]
 
-    limited, unlimited = column(abuse), column(r["abuse_without_limits"])
-    labels = ("idle", "unread copies of freed memory: peak", "unfinished 256 MiB frames: peak", "after")
+    labels = ["idle", *(f"{label}: peak" for label in ABUSES.values()), "after"]
     out.append(
         f"\nabuse, {ABUSERS} sessions each: daemon RSS\n"
         + plain(
             [
                 ("", f"limits {lim['session_buffer']:.0f} / {lim['daemon_buffer']:.0f} MiB", "no limits (baseline)"),
-                *zip(labels, limited, unlimited, strict=True),
+                *zip(labels, column(abuse), column(r["abuse_without_limits"]), strict=True),
             ]
         )
     )

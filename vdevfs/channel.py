@@ -3,10 +3,14 @@
 A write() is a frame: FUSE keeps write boundaries, except that it cuts a write bigger than its maximum write
 size (1 MiB) into pieces. A piece ends where the request's 256 page slots run out: 1 MiB less the buffer's
 offset in its first page for one buffer, less for a writev of many small buffers. So a write may end inside a
-frame only if it is big enough to be such a piece; a shorter one is a truncated frame (or one whose header
-gives the wrong length) and is refused with EINVAL. A write that starts with a frame header while a frame is
-unfinished starts afresh (the unfinished one was cut short by its writer). Either way one bad write never
-swallows the valid frames after it.
+frame only if it started that frame (or continues it) and is big enough to be such a piece; any other write
+that leaves a frame unfinished is a truncated frame, or one whose header gives the wrong length, and is
+refused with EINVAL. A write that starts with a frame header while a frame is unfinished starts afresh (the
+unfinished one was cut short by its writer). Either way one bad write never swallows the frames after it.
+
+The first piece of a big frame reserves the whole frame in the session's buffer limits. A refusal must come
+there: once FUSE has passed on one piece of a write, a later piece's error only makes the write() short,
+which tells the writer nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class Channel:
     account: BufferAccount  # what this session holds here: the unfinished frame, unread replies
     spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
     frames: FrameBuffer = field(default_factory=FrameBuffer)
-    partial: int = 0  # bytes of the unfinished frame, as last counted
+    partial: int = 0  # the size of the unfinished frame, reserved by its first piece
     replies: list[bytes | memoryview] = field(default_factory=list)
     queued: int = 0  # bytes in replies
     deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
@@ -59,20 +63,24 @@ class Channel:
         try:
             self._run_deferred()
             if self.partial and data[: len(FRAME_START)] == FRAME_START:
-                self.log.warning("frame_abandoned", received=self.partial, reason="a new frame began")
+                self.log.warning("frame_abandoned", announced=self.partial, reason="a new frame began")
                 self._drop_partial()
+            if not self.partial and len(data) >= MIN_PIECE:  # maybe the first piece of a big frame
+                _, length = wire.check_header(data)
+                if wire.FRAME_HEADER_SIZE + length > len(data):
+                    self.account.check(wire.FRAME_HEADER_SIZE + length, "this frame")
+                    self.partial = wire.FRAME_HEADER_SIZE + length
+                    self.account.add(self.partial)
             complete = self.frames.feed(data)
             pending = self.frames.pending
-            if pending != self.partial:
-                if pending and len(data) < MIN_PIECE:
-                    raise ProtocolError(
-                        f"truncated frame: the write ended {pending} bytes into a frame whose header announces "
-                        "more; write each frame whole, with the length its header gives"
-                    )
-                if pending > self.partial:  # what stays here until the rest of the frame comes
-                    self.account.check(pending - self.partial, "this piece of an unfinished frame")
-                self.account.add(pending - self.partial)
-                self.partial = pending
+            if pending and (not self.partial or len(data) < MIN_PIECE):
+                raise ProtocolError(
+                    f"truncated frame: the write ended {pending} bytes into a frame whose header announces "
+                    "more; write each frame whole, with the length its header gives"
+                )
+            if not pending and self.partial:  # the big frame is complete
+                self.account.add(-self.partial)
+                self.partial = 0
             for count, body in complete:
                 await self._run(wire.decode_records(count, body))  # a malformed frame fails its own write
         except FlexNPUError as exc:

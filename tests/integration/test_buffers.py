@@ -91,35 +91,62 @@ def malloc_frame(size: int) -> bytes:
     return b"".join(wire.frame(wire.encode_record(COMMANDS[Op.MALLOC], 50, size=size, policy=0), 1))
 
 
-def test_unfinished_frames_stop_at_the_limits_and_are_given_back(small):
-    mount, _ = small
-    piece = mmap.mmap(-1, 1 << 20)  # page-aligned: each write is one piece of a frame announcing 256 MiB
-    piece[:16] = wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, wire.MAX_FRAME)
-    fds = [os.open(mount / "davinci2", os.O_RDWR) for _ in range(4)]
+def send_pieces(fd: int, announced: int, pieces: int) -> int:
+    """Send up to `pieces` 1 MiB pieces of a frame announcing `announced` bytes; return how many were taken
+    before EINVAL. The pieces are page-aligned, so FUSE passes each on whole, as it does the pieces of one big
+    write."""
+    piece = mmap.mmap(-1, 1 << 20)
+    piece[:16] = wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, announced - 16)
+    for taken in range(pieces):
+        try:
+            os.write(fd, piece)
+        except OSError as exc:
+            assert exc.errno == errno.EINVAL
+            return taken
+        piece[:16] = bytes(16)  # the body goes on
+    return pieces
+
+
+def test_a_frame_bigger_than_the_session_limit_is_refused_at_its_first_piece(small):
+    transport = FileTransport(str(small[0] / "davinci2"))
     try:
-        accepted = []
-        for fd in fds:
-            n = 0
-            try:
-                os.write(fd, piece)
-                piece[:16] = bytes(16)  # later pieces continue the frame
-                for _ in range(2 * SESSION_LIMIT >> 20):
-                    os.write(fd, piece)
-                    n += 1
-            except OSError as exc:
-                assert exc.errno == errno.EINVAL
-            piece[:16] = wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, wire.MAX_FRAME)
-            accepted.append(n)
+        assert send_pieces(transport.fd, wire.MAX_FRAME, 3) == 0
+        assert held(small[0]) < 1024  # nothing kept but the reply explaining why
+        explanation = wire.decode_replies(memoryview(os.read(transport.fd, 4096))[16:])[0]
+        assert explanation.status == AclError.RT_OVER_LIMIT
+        assert (
+            "this frame (256.0 MiB) would take this session past its buffer limit of 4.0 MiB"
+            in bytes(explanation.payload).decode()
+        )
+    finally:
+        transport.close()
+
+
+def test_unfinished_frames_stop_at_the_daemon_limit_and_others_are_told_why(small):
+    mount, _ = small
+    announced = SESSION_LIMIT - (1 << 20)  # each stays under its own limit
+    fds = [os.open(mount / "davinci2", os.O_RDWR) for _ in range(4)]
+    rt = Runtime(devices=[str(mount / "davinci3")])
+    rt.set_device(0)
+    try:
+        taken = [send_pieces(fd, announced, 2) for fd in fds]
+        assert taken == [2, 2, 2, 0]  # the daemon's limit refused the 4th frame at its first piece
         assert held(mount) <= DAEMON_LIMIT
-        assert accepted[0] < SESSION_LIMIT >> 20  # the session limit stopped the first
-        assert sum(accepted) < 4 * (SESSION_LIMIT >> 20)  # the daemon's limit stopped the last ones sooner
-        bystander = session(mount, "davinci3")
-        assert bystander.call(Op.MEM_INFO, attr=1).status == AclError.SUCCESS
-        bystander.close()
+        rt.call(Op.MEM_INFO, attr=1)  # small calls go on
+        data = np.ones(2 << 20, dtype=np.uint8)
+        ptr = rt.malloc(data.nbytes, 0)
+        with pytest.raises(FlexNPUError, match="does not fit in the daemon's buffers") as info:
+            rt.memcpy(ptr, data.nbytes, address(data), data.nbytes, HOST_TO_DEVICE)
+        assert info.value.code == AclError.RT_OVER_LIMIT
+        for fd in fds:
+            os.close(fd)
+        fds = []
+        assert wait_until(lambda: held(mount) == 0)
+        rt.memcpy(ptr, data.nbytes, address(data), data.nbytes, HOST_TO_DEVICE)  # room again
     finally:
         for fd in fds:
             os.close(fd)
-    assert wait_until(lambda: held(mount) == 0)
+        rt.reset_device(0, force=True)
 
 
 def test_async_copy_results_past_the_limit_fail_that_copy_with_a_message(small):
