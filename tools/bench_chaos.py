@@ -294,6 +294,7 @@ def _abuse(mount: Path, sampler: Sampler) -> dict:
     limits, and just under the session limit, where the daemon-wide limit is what stops the later ones)."""
     figures: dict = {"rss_idle_MiB": sampler.now()[0]}
     for name in ABUSES:
+        _leftovers(mount)  # the sessions of the abuse before are gone, so the peak is this abuse's own
         sampler.reset_peak()
         nodes = [mount / DEVICES[i % 2] for i in range(ABUSERS)]
         if name == "unread_copies":
