@@ -72,6 +72,8 @@ class Sampler(threading.Thread):
         self.pid, self.mount = pid, mount
         self.peak_rss = self.peak_fds = self.peak_held = 0
         self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.generation = 0
 
     def now(self) -> tuple[float, int]:
         status = Path(f"/proc/{self.pid}/status").read_text().splitlines()
@@ -79,17 +81,23 @@ class Sampler(threading.Thread):
         return rss / 1024, len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def sample(self) -> None:
+        generation = self.generation
         with contextlib.suppress(OSError, StopIteration, ValueError):  # the daemon may be restarting
             rss, fds = self.now()
-            self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
-            self.peak_held = max(self.peak_held, _status(self.mount)["daemon"]["buffers"]["held"])
+            held = _status(self.mount)["daemon"]["buffers"]["held"]
+            with self.lock:
+                if generation == self.generation:  # not a sample from before a reset_peak
+                    self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
+                    self.peak_held = max(self.peak_held, held)
 
     def run(self) -> None:
         while not self.stopped.wait(0.05):
             self.sample()
 
     def reset_peak(self) -> None:
-        self.peak_rss = self.peak_fds = self.peak_held = 0
+        with self.lock:
+            self.generation += 1
+            self.peak_rss = self.peak_fds = self.peak_held = 0
 
 
 def _frame(op: Op, seq: int, **args) -> bytes:
