@@ -80,6 +80,8 @@ class Translator:
         self.handles = HandleTable(self.id)
         self.memory = 0  # bytes this session holds (rounded as the device counts them)
         self.deliveries: list[tuple[int, bytes]] = []  # async device-to-host bytes awaiting the next sync
+        # The transport's say on keeping (seq, size) bytes of a delivery: the daemon bounds them, direct mode not.
+        self.admit_delivery: Callable[[int, int], None] = lambda seq, size: None
         self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
         self.templates: dict[int, Kernel | FlexNPUError] = {}  # operator descriptions, by the client's id
         self.capturing: dict[Stream, Graph] = {}  # streams whose work is being captured into a graph
@@ -242,7 +244,11 @@ class Translator:
             self.memory -= alloc.buffer.size
 
     def _deliver(self, seq: int) -> Callable[[Region], None]:
-        return lambda region: self.deliveries.append((seq, region.read()))
+        def deliver(region: Region) -> None:
+            self.admit_delivery(seq, region.size)  # may refuse: the copy then fails, as a task on its stream
+            self.deliveries.append((seq, region.read()))
+
+        return deliver
 
     # -- session ------------------------------------------------------------------------------------------
 

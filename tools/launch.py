@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vdevfs.daemon import is_stale
+
 READY_TIMEOUT_S = 20.0
 
 
@@ -21,7 +23,8 @@ READY_TIMEOUT_S = 20.0
 def running(
     args: list[str], ready: Callable[[subprocess.Popen], bool], mount: Path, log: Path | None = None
 ) -> Iterator[subprocess.Popen]:
-    mount.mkdir(parents=True, exist_ok=True)
+    if not is_stale(mount):  # a killed daemon's mount cannot even be stat'ed: the daemon recovers it
+        mount.mkdir(parents=True, exist_ok=True)
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=sink, stderr=sink if log else subprocess.PIPE)
     try:
@@ -42,7 +45,7 @@ def running(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if os.path.ismount(mount):
+        if os.path.ismount(mount) or is_stale(mount):
             subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
         if log:
             sink.close()

@@ -245,5 +245,13 @@ def bench_fidelity(out: Path, quick: bool) -> None:
     _bench("fidelity", out, quick)
 
 
+@bench.command("chaos")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-chaos.json", show_default=True)
+@click.option("--quick", is_flag=True, help="30 s with 4 clients instead of 150 s with 8 (a smoke run).")
+def bench_chaos(out: Path, quick: bool) -> None:
+    """Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse."""
+    _bench("chaos", out, quick)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import trio
 from interposer import logs
 from vdevfs import config as configuration
 from vdevfs.daemon import MountError, serve, unmount
+from vdevfs.limits import BufferLimits
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +34,7 @@ def mount(mountpoint: Path, config_path: Path | None) -> None:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)
     try:
-        trio.run(serve, topology, mountpoint, cfg.source)
+        trio.run(serve, topology, mountpoint, cfg.source, BufferLimits(cfg.session_buffer, cfg.daemon_buffer))
     except MountError as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)

@@ -3,6 +3,8 @@
     [daemon]
     time_scale = 1.0          # wall seconds per modeled second; 0 = no clock (as fast as possible)
     policy = "fifo"           # scheduling policy of every physical NPU
+    session_buffer = "160MiB" # unread replies + unfinished frames one session may leave in the daemon
+    daemon_buffer = "512MiB"  # the same for all sessions together (device-memory quotas do not see these)
 
     [[physical]]
     name = "npu0"
@@ -80,6 +82,8 @@ class Config:
     virtual: list[VirtualSpec]
     time_scale: float = 1.0
     policy: str = "fifo"
+    session_buffer: int = 160 << 20  # two 64 MiB copy records (the runtime's chunk) and room to spare
+    daemon_buffer: int = 512 << 20
     source: str = field(default="built-in default")
 
 
@@ -109,7 +113,7 @@ def parse(raw: dict) -> Config:
     daemon = raw.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon", daemon, "must be a table ([daemon])")
-    _only(daemon, "daemon.", {"time_scale", "policy"})
+    _only(daemon, "daemon.", {"time_scale", "policy", "session_buffer", "daemon_buffer"})
     time_scale = daemon.get("time_scale", 1.0)
     if (
         not isinstance(time_scale, int | float)
@@ -122,6 +126,14 @@ def parse(raw: dict) -> Config:
     if policy not in POLICIES:
         raise ConfigError("daemon.policy", policy, f"must be one of {', '.join(POLICIES)}")
 
+    buffers = {key: _size(f"daemon.{key}", daemon[key]) for key in ("session_buffer", "daemon_buffer") if key in daemon}
+    session_buffer = buffers.get("session_buffer", Config.session_buffer)
+    daemon_buffer = buffers.get("daemon_buffer", max(Config.daemon_buffer, session_buffer))
+    if daemon_buffer < session_buffer:
+        raise ConfigError(
+            "daemon.daemon_buffer", daemon.get("daemon_buffer"), f"must be at least session_buffer ({session_buffer})"
+        )
+
     physical = [_physical(i, p) for i, p in enumerate(_tables(raw, "physical"))]
     if not physical:
         raise ConfigError("physical", [], "at least one [[physical]] NPU is needed")
@@ -130,7 +142,7 @@ def parse(raw: dict) -> Config:
     if not virtual:
         raise ConfigError("virtual", [], "at least one [[virtual]] NPU is needed")
     _unique("virtual", [v.name for v in virtual])
-    config = Config(physical, virtual, float(time_scale), policy)
+    config = Config(physical, virtual, float(time_scale), policy, session_buffer, daemon_buffer)
     _check_quotas(config)
     return config
 

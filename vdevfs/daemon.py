@@ -14,6 +14,7 @@ import trio
 
 from interposer.topology import Topology
 from vdevfs.fs import STATUS_NAME, DeviceFS
+from vdevfs.limits import BufferLimits
 
 log = structlog.get_logger()
 
@@ -23,23 +24,35 @@ class MountError(Exception):
 
 
 def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
+    """Unmount; a dead daemon's mount is always detached lazily (its clients' files keep it busy)."""
+    lazy = lazy or is_stale(mountpoint)
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         raise MountError(f"{mountpoint}: unmount failed: {result.stderr.strip() or result.returncode}")
 
 
+def is_stale(mountpoint: str | Path) -> bool:
+    """A FUSE mount whose daemon is gone: stat says ENOTCONN (os.path.ismount says False and hides why)."""
+    try:
+        os.lstat(mountpoint)
+        # The mount point's own attributes may still be cached: a listing always reaches the daemon.
+        if os.path.ismount(mountpoint):
+            os.listdir(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def prepare_mountpoint(mountpoint: Path) -> None:
     """Make the directory; unmount what a killed daemon left behind; refuse to mount over a live daemon."""
-    try:
-        # A directory listing reaches the daemon (a stat may be answered from the kernel's cache).
-        names = os.listdir(mountpoint) if os.path.ismount(mountpoint) else None
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise MountError(f"{mountpoint}: {exc.strerror}") from None
+    if is_stale(mountpoint):
         log.warning("stale_mount_recovered", mountpoint=str(mountpoint), reason="daemon gone (ENOTCONN)")
         unmount(mountpoint, lazy=True)
-        names = None
+    try:
+        names = os.listdir(mountpoint) if os.path.ismount(mountpoint) else None
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: {exc.strerror}") from None
     if names is not None:
         if STATUS_NAME in names:
             raise MountError(
@@ -53,10 +66,10 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
-async def serve(topology: Topology, mountpoint: Path, config_source: str) -> None:
+async def serve(topology: Topology, mountpoint: Path, config_source: str, limits: BufferLimits) -> None:
     prepare_mountpoint(mountpoint)
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
-    fs = DeviceFS(topology, info)
+    fs = DeviceFS(topology, info, limits)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
     try:
         pyfuse3.init(fs, str(mountpoint), options)

@@ -13,19 +13,17 @@ import json
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pyfuse3
 import structlog
-import trio
 
-from interposer import wire
-from interposer.session import Handler, answer_async
 from interposer.topology import Topology, VirtualNPU
 from interposer.translate import Translator, VersionOnly
-from interposer.wire import FrameBuffer, Record
 from npu.errors import FlexNPUError
+from vdevfs import access
+from vdevfs.channel import Channel
+from vdevfs.limits import BufferAccount, BufferLimits, give_back_freed_memory
 
 log = structlog.get_logger()
 
@@ -55,87 +53,11 @@ def fuse_handler(method):
     return wrapper
 
 
-@dataclass(eq=False)
-class Channel:
-    """One open device node: reassembles frames, runs them, queues the replies for read()."""
-
-    handler: Handler
-    log: structlog.typing.FilteringBoundLogger
-    frames: FrameBuffer = field(default_factory=FrameBuffer)
-    spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
-    replies: list[bytes | memoryview] = field(default_factory=list)
-    deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
-    writing: bool = False
-    done_writing: trio.Event | None = None  # made only when a second writer has to wait
-
-    async def write(self, data: bytes) -> None:
-        # Writes to one channel must not interleave while one waits on the device. This is a lock whose
-        # uncontended path costs a flag (a trio.Lock costs a few us per call, a large part of a round trip).
-        while self.writing:
-            self.done_writing = self.done_writing or trio.Event()
-            await self.done_writing.wait()
-        self.writing = True
-        try:
-            self._run_deferred()
-            for count, body in self.frames.feed(data):
-                records = wire.decode_records(count, body)  # a malformed frame fails its own write
-                if self.spawn is not None and not any(r.command.sync for r in records):
-                    # Nobody waits for an answer: let the write return now and run the records right after,
-                    # so the client encodes its next batch while the daemon translates this one.
-                    self.deferred.append(records)
-                    self.spawn(self._run_deferred_soon)
-                    continue
-                reply = await answer_async(self.handler, records)
-                if reply is not None:
-                    self.replies += reply
-        except FlexNPUError as exc:
-            # Drop the bad frame and whatever followed it in this write. The write fails with EINVAL; the
-            # explanation waits in a reply (seq 0) for a client that wants to tell its user what was wrong.
-            self.log.warning("frame_refused", error=exc.message)
-            self.frames = FrameBuffer()
-            self.replies += wire.frame(wire.encode_reply(0, exc.code, exc.message.encode()), 1)
-            raise
-        finally:
-            self.writing = False
-            if self.done_writing is not None:
-                self.done_writing.set()
-                self.done_writing = None
-
-    def _run_deferred(self) -> None:
-        """Run deferred frames in arrival order; a later write runs them first itself if it gets there first.
-        Asynchronous records never wait, so this runs to completion without yielding to other tasks."""
-        while self.deferred:
-            for record in self.deferred.pop(0):
-                self.handler.execute(record)
-
-    async def _run_deferred_soon(self) -> None:
-        self._run_deferred()
-
-    def close(self) -> None:
-        self.deferred.clear()
-        self.handler.close()
-
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes of queued replies; the client reads until it has a whole frame."""
-        if len(self.replies) == 1 and len(self.replies[0]) <= size:  # the usual: one small reply, whole
-            return bytes(self.replies.pop())
-        out = []
-        while self.replies and size > 0:
-            head = self.replies[0]
-            if len(head) <= size:
-                out.append(self.replies.pop(0))
-            else:
-                head = memoryview(head)
-                out.append(head[:size])
-                self.replies[0] = head[size:]
-            size -= len(out[-1])
-        return b"".join(out)
-
-
 class DeviceFS(pyfuse3.Operations):
-    def __init__(self, topology: Topology, info: dict) -> None:
+    def __init__(self, topology: Topology, info: dict, limits: BufferLimits) -> None:
         super().__init__()
         self.topology = topology
+        self.limits = limits
         self.info = info  # daemon facts for the status file: pid, mount point, config source
         self.started = time.time()
         self.names: dict[bytes, int] = {STATUS_NAME.encode(): STATUS_INODE}
@@ -204,13 +126,15 @@ class DeviceFS(pyfuse3.Operations):
         if inode == STATUS_INODE:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            content: Channel | bytes = self.status_bytes()
+            content: Channel | bytes = self.status_bytes(ctx.uid, ctx.gid)
         elif inode in self.devices:
-            translator = Translator(self.devices[inode], pid=ctx.pid)
-            content = Channel(translator, translator.log, spawn=self.spawn)
+            vdev = self.devices[inode]
+            translator = Translator(vdev, pid=ctx.pid)
+            content = Channel(translator, translator.log, BufferAccount(self.limits, vdev.name), spawn=self.spawn)
+            translator.admit_delivery = content.account.admit_delivery
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
             name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
-            content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name))
+            content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name), BufferAccount(self.limits, name))
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -239,12 +163,35 @@ class DeviceFS(pyfuse3.Operations):
         content = self.open_files.pop(fh, None)
         if isinstance(content, Channel):
             content.close()
+            give_back_freed_memory()
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return self._attr(inode)  # O_TRUNC on a device node: nothing to truncate
+        """chmod and chown apply to device nodes, as on /dev, until the daemon restarts (the config is the
+        lasting source); the kernel has already checked the caller may (default_permissions). The other nodes
+        refuse them. O_TRUNC and new timestamps change nothing: there is nothing to truncate or date."""
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            vdev = self.devices.get(inode)
+            if vdev is None:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if fields.update_mode:
+                vdev.mode = attr.st_mode & 0o777
+            if fields.update_uid:
+                vdev.uid = attr.st_uid
+            if fields.update_gid:
+                vdev.gid = attr.st_gid
+            log.info("node_changed", device=vdev.name, mode=oct(vdev.mode), uid=vdev.uid, gid=vdev.gid, by=ctx.uid)
+        return self._attr(inode)
 
-    def status_bytes(self) -> bytes:
-        status = {"daemon": {**self.info, "uptime_s": round(time.time() - self.started, 1)}}
+    def status_bytes(self, uid: int, gid: int) -> bytes:
+        """The status file as the requester sees it: only the virtual NPUs they may open, and their sessions."""
+        status = {
+            "daemon": {**self.info, "uptime_s": round(time.time() - self.started, 1), "buffers": self.limits.status()}
+        }
         status |= self.topology.status()
+        if uid != 0:
+            member_of = access.groups(uid, gid)
+            status = access.visible_status(
+                status, {v.name for v in self.topology.virtual if access.may_open(v, uid, member_of)}
+            )
         return json.dumps(status, indent=1).encode() + b"\n"

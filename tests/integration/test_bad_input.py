@@ -91,9 +91,50 @@ def test_records_before_hello_are_refused(daemon, healthy):
     transport.close()
 
 
-def test_truncated_frame_then_close_loses_nothing(daemon, healthy):
-    frame = b"".join(wire.frame(hello(), 1))
-    assert raw_write(daemon, frame[: len(frame) // 2]) is None  # waits for the rest, which never comes
+def hello_frame() -> bytes:
+    return b"".join(wire.frame(hello(), 1))
+
+
+def _long(frame: bytes) -> bytes:
+    """The frame with its header announcing 8 bytes more than it holds."""
+    return wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, len(frame) - 8) + frame[16:]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (hello_frame()[:20], "truncated frame: the write ended 20 bytes into a frame"),
+        (hello_frame()[:10], "truncated frame: the write ended 10 bytes into a frame"),
+        (_long(hello_frame()) + b"\0" * 7, "truncated frame"),  # header says 8 more bytes than written
+        (hello_frame() + b"\0" * 7, "truncated frame"),  # 7 bytes more than the header says
+        (hello_frame() + b"x" * 20, "bad frame magic"),
+    ],
+    ids=["cut-in-body", "cut-in-header", "length-too-big", "trailing-bytes", "trailing-garbage"],
+)
+def test_a_bad_write_is_refused_and_the_next_frame_on_the_same_fd_is_answered(daemon, healthy, bad, error):
+    transport = FileTransport(str(daemon.mount / "davinci0"))
+    try:
+        with pytest.raises(AclCallError, match=error) as info:
+            transport.send(bad)
+        assert info.value.code == AclError.INVALID_PARAM
+        reply = wire.decode_replies(transport.call(hello_frame()))[0]
+        assert (reply.seq, reply.status) == (1, AclError.SUCCESS)
+    finally:
+        transport.close()
+
+
+def test_a_frame_cut_after_a_long_piece_gives_way_to_the_next_frame(daemon, healthy):
+    # 8 KiB of a frame announcing 1 MiB could be the first piece FUSE cut from a big write: it is kept until
+    # the next write starts with a frame header instead of going on.
+    cut = wire.FrameHeader.codec.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 0, 1, 1 << 20) + bytes(8 << 10)
+    transport = FileTransport(str(daemon.mount / "davinci0"))
+    try:
+        transport.send(cut)
+        reply = wire.decode_replies(transport.call(hello_frame()))[0]
+        assert (reply.seq, reply.status) == (1, AclError.SUCCESS)
+    finally:
+        transport.close()
+    assert any(e["event"] == "frame_abandoned" for e in daemon.log_events())
 
 
 def expect(code: AclError, fn, *args, match: str = "", **kwargs):
@@ -167,7 +208,7 @@ def wait_until(predicate, timeout: float = 15.0) -> bool:
 
 
 CRASHER = """
-import os, sys, time
+import mmap, os, sys, time
 from interposer import wire
 from interposer.shim.flexnpu_client.client import Client, FileTransport
 from interposer.shim.flexnpu_client.runtime import Runtime
@@ -179,7 +220,11 @@ client = rt.client()
 for _ in range(100):
     client.submit(Op.MEMSET_ASYNC, stream=0, ptr=ptr, value=1, count=16 << 20)
 frame = b"".join(wire.frame(wire.encode_record(COMMANDS[Op.DEVICE_SYNC], 10_000), 1))
-os.write(client.transport.fd, b"".join(wire.frame(client._batch, client._batch_records))[:5000])  # half a batch
+client.submit(Op.MEMCPY_H2D_ASYNC, bytes(4 << 20), stream=0, dst=ptr, src=0, count=4 << 20)
+batch = b"".join(wire.frame(client._batch, client._batch_records))
+aligned = mmap.mmap(-1, 1 << 20)  # page-aligned: FUSE takes it as one 1 MiB piece of a bigger write
+aligned[:] = batch[: 1 << 20]
+os.write(client.transport.fd, aligned)  # and the rest never comes
 print("ready", flush=True)
 time.sleep(60)
 """

@@ -172,6 +172,15 @@ def test_modes(tmp_path, text, mode):
     assert cfg.virtual[0].mode == mode
 
 
+def test_buffer_limits_default_and_configured(tmp_path):
+    default = config.load(write(tmp_path, VALID))
+    assert (default.session_buffer, default.daemon_buffer) == (160 * MiB, 512 * MiB)
+    both = config.load(write(tmp_path, edited("time_scale = 0", 'time_scale = 0\nsession_buffer = "64MiB"')))
+    assert (both.session_buffer, both.daemon_buffer) == (64 * MiB, 512 * MiB)
+    big = config.load(write(tmp_path, edited("time_scale = 0", 'time_scale = 0\nsession_buffer = "1GiB"')))
+    assert big.daemon_buffer == GiB  # the daemon-wide limit is never below one session's
+
+
 def test_quota_of_a_whole_chip_is_allowed(tmp_path):
     cfg = config.load(write(tmp_path, edited('memory = "8GiB"', 'memory = "64GiB"')))
     assert cfg.virtual[0].memory == 64 * GiB
@@ -224,6 +233,14 @@ BAD = [
     ("time-scale-nan", "time_scale = 0", "time_scale = nan", "daemon.time_scale", "nan"),
     ("time-scale-inf", "time_scale = 0", "time_scale = inf", "daemon.time_scale", "inf"),
     ("policy-unknown", 'policy = "fifo"', 'policy = "rr"', "daemon.policy", "rr"),
+    ("buffer-not-a-size", "time_scale = 0", 'time_scale = 0\nsession_buffer = "lots"', "daemon.session_buffer", "lots"),
+    (
+        "daemon-buffer-below-session",
+        "time_scale = 0",
+        'time_scale = 0\nsession_buffer = "256MiB"\ndaemon_buffer = "64MiB"',
+        "daemon.daemon_buffer",
+        "64MiB",
+    ),
     ("daemon-not-a-table", '[daemon]\ntime_scale = 0\npolicy = "fifo"', "daemon = 1", "daemon", "1"),
 ]
 

@@ -24,6 +24,7 @@ FLUSH_BYTES = 8 << 20  # ... or this big, so a long async burst never holds unbo
 FIRST_READ = 64 << 10
 SMALL_FRAME = 64 << 10
 IOV_MAX = 1024
+DAEMON_GONE = (errno.ENOTCONN, errno.ECONNABORTED)  # a killed FUSE daemon: its files answer these
 
 
 class Transport(Protocol):
@@ -95,6 +96,15 @@ class FileTransport:
             raise self._lost("reading the reply failed", exc) from None
 
     def _lost(self, what: str, exc: OSError) -> AclCallError:
+        # RT_SOCKET_CLOSE (507901, "hdc disconnect" in CANN's include/acl/error_codes/rt_error_codes.h) is what
+        # real CANN returns when its channel to the device drops: the nearest match to a daemon that is gone.
+        if exc.errno in DAEMON_GONE:
+            return AclCallError(
+                f"{self.path}: the FlexNPU daemon is gone ({exc.strerror}): this virtual device was lost, as on "
+                "a device reset, with its memory, streams and queued work; restart the daemon "
+                "(`vdevfsd mount`) and set the device again",
+                AclError.RT_SOCKET_CLOSE,
+            )
         return AclCallError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
 
     def close(self) -> None:

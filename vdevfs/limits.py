@@ -1,0 +1,95 @@
+"""Limits on the bytes the daemon holds for its clients outside device memory.
+
+No device-memory quota sees these bytes: replies a client has not read yet (a device-to-host copy stays here
+until read, even after the device memory is freed) and frames still arriving (a header may announce 256 MiB
+and the rest trickle in). Without limits any user who may open a device node could fill the host, so every
+session's bytes count against its own limit and, with every other session's, against the daemon's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+from dataclasses import dataclass
+
+from npu.errors import AclError, FlexNPUError
+
+MiB = 1 << 20
+# A session holding less than this is never refused for the daemon's sake: small calls go on, whatever other
+# sessions hold (the daemon-wide limit can be overshot by this much per session, no more).
+ALLOWANCE = 64 << 10
+
+
+class BufferFull(FlexNPUError):
+    """Refused like a malformed frame (EINVAL on the write), with the explanation in a reply for the client."""
+
+    code = AclError.RT_OVER_LIMIT
+    errno = errno.EINVAL
+
+
+@dataclass(eq=False)
+class BufferLimits:
+    session: int  # bytes one session may have held at once ([daemon] session_buffer)
+    total: int  # bytes all sessions together may have held ([daemon] daemon_buffer)
+    held: int = 0
+
+    def status(self) -> dict:
+        return {"held": self.held, "session_limit": self.session, "daemon_limit": self.total}
+
+
+@dataclass(eq=False)
+class BufferAccount:
+    """One session's held bytes: the channel adds to the figure as it changes and asks before taking more."""
+
+    limits: BufferLimits
+    device: str
+    held: int = 0
+    delivering: int = 0  # results of asynchronous copies admitted, not yet in a reply
+
+    def check(self, extra: int, what: str) -> None:
+        limits = self.limits
+        if self.held + extra > limits.session:
+            raise BufferFull(
+                f"{self.device}: {what} ({_mib(extra)}) would take this session past its buffer limit of "
+                f"{_mib(limits.session)} ({_mib(self.held)} already held in unread replies and unfinished frames; "
+                "[daemon] session_buffer): read the replies you asked for, or copy in smaller pieces"
+            )
+        if self.held + extra > ALLOWANCE and limits.held + extra > limits.total:
+            raise BufferFull(
+                f"{self.device}: {what} ({_mib(extra)}) does not fit in the daemon's buffers for all sessions "
+                f"({_mib(limits.held)} of {_mib(limits.total)} held; [daemon] daemon_buffer): try again once "
+                "other sessions have read their replies, or copy in smaller pieces"
+            )
+
+    def admit_delivery(self, seq: int, size: int) -> None:
+        """The translator asks before it keeps an asynchronous copy's result; a refusal fails that copy.
+        (The account, not the channel, answers: a translator holding its channel would make a cycle, and a
+        closed channel's buffers would then wait for the garbage collector.)"""
+        self.check(size, f"the result of asynchronous memcpy seq {seq}")
+        self.delivering += size
+        self.add(size)
+
+    def add(self, n: int) -> None:
+        """n more bytes held (fewer, if negative)."""
+        self.held += n
+        self.limits.held += n
+
+    def close(self) -> None:
+        self.add(-self.held)
+        self.delivering = 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system. glibc serves big blocks from the heap once it has freed a
+    few (its mmap threshold rises up to 32 MiB), and free pages inside the heap stay resident: without this,
+    the RSS a closed session's copies and frames took would never come back down."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(None)
