@@ -91,7 +91,7 @@ def free(transport: FileTransport, ptr: int) -> None:
 
 
 def read_frame(fd: int) -> list[wire.Reply]:
-    _, length = wire.checkheader(os.read(fd, wire.FRAME_HEADER_SIZE))
+    _, length = wire.check_header(os.read(fd, wire.FRAME_HEADER_SIZE))
     body = bytearray()
     while len(body) < length:
         body += os.read(fd, length - len(body))
