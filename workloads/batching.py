@@ -217,9 +217,11 @@ class _Request:
 
 
 class Batcher:
-    def __init__(self, config: BatchingConfig) -> None:
+    def __init__(self, config: BatchingConfig, pool: BlockPool | None = None) -> None:
+        """`pool`: KV blocks shared with another instance on the same memory (a co-located prefill and decode
+        instance pass requests over by block ownership, no copy); by default a pool of its own."""
         self.config = config
-        self.pool = BlockPool(config.num_blocks)
+        self.pool = pool if pool is not None else BlockPool(config.num_blocks)
         self._requests: dict[str, _Request] = {}  # live: waiting, running or handing over
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # admission order: the last is the newest
@@ -249,8 +251,10 @@ class Batcher:
         max_tokens: int,
         now: float,
         ignore_eos: bool = False,
+        blocks: tuple[int, ...] | None = None,
     ) -> tuple[int, ...]:
         """Take a request whose context is computed elsewhere; return the blocks its KV must be copied into.
+        With `blocks` (a pool shared with the prefill instance), it takes over those blocks: nothing to copy.
 
         Raises OutOfMemory when the blocks are not free now (retry later or elsewhere): the copy needs them at once.
         """
@@ -273,7 +277,9 @@ class Batcher:
             context_tokens,
             first_token_time=now,
         )
-        request.blocks = self.pool.allocate(self._blocks_for(context_tokens))
+        if blocks is not None and len(blocks) != self._blocks_for(context_tokens):
+            raise InvalidParam(f"request {request_id}: {len(blocks)} blocks for a {context_tokens}-token context")
+        request.blocks = list(blocks) if blocks is not None else self.pool.allocate(self._blocks_for(context_tokens))
         self._requests[request_id] = request
         self._running.append(request)
         return tuple(request.blocks)
@@ -291,11 +297,14 @@ class Batcher:
         request.blocks = []
         return True
 
-    def release(self, request_id: str) -> None:
-        """Prefill role: the KV of a handed-over request has been copied out; free its blocks."""
+    def release(self, request_id: str, handed_over: bool = False) -> None:
+        """Prefill role: the KV of a handed-over request has been copied out; free its blocks. `handed_over`: the
+        decode instance took the blocks themselves (a shared pool), so they stay allocated, now its."""
         request = self._requests.get(request_id)
         if request is None or request in self._running or request in self._waiting:
             raise InvalidParam(f"request {request_id}: not waiting for its KV handover; nothing to release")
+        if handed_over:
+            request.blocks = []
         self.abort(request_id)
 
     # -- a step out --------------------------------------------------------------------------------------

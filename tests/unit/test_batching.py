@@ -12,6 +12,7 @@ from npu.errors import InvalidParam, NotSupported, OutOfMemory
 from workloads.batching import (
     Batcher,
     BatchingConfig,
+    BlockPool,
     Finished,
     FinishReason,
     FirstToken,
@@ -428,3 +429,21 @@ def test_random_workloads_never_leak_blocks_and_every_request_ends(
             assert isinstance(tokens[0], FirstToken) and not any(isinstance(e, FirstToken) for e in tokens[1:])
         if isinstance(events[-1], Finished):
             assert len(tokens) <= events[-1].output_tokens <= max(accepted[rid], 2)
+
+
+def test_a_shared_pool_hands_blocks_from_prefill_to_decode_without_a_copy():
+    pool = BlockPool(8)
+    shape = dict(num_blocks=8, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    prefill = Batcher(BatchingConfig(**shape, role=Role.PREFILL), pool=pool)
+    decode = Batcher(BatchingConfig(**shape, role=Role.DECODE), pool=pool)
+    prefill.add("r", 6, 5, 0.0)
+    _, events = step(prefill, 1.0, token=42)
+    (finished,) = [e for e in events if isinstance(e, Finished)]
+    assert finished.reason is FinishReason.HANDOVER
+    blocks = decode.add_prefilled("r", 6, 42, 5, 2.0, blocks=finished.handover_blocks)
+    assert blocks == finished.handover_blocks and pool.num_used == 2
+    prefill.release("r", handed_over=True)
+    assert pool.num_used == 2  # still held, now by the decode instance
+    assert [e.blocks for e in decode.schedule(3.0).entries] == [blocks]
+    decode.abort("r")
+    assert pool.num_used == 0
