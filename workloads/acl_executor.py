@@ -114,12 +114,25 @@ class AclModel:
     """One model on one device. `weights`: the buffers of model.weight_specs (workloads.weights.device_weights),
     or None to allocate them without data. The caller has called acl.init."""
 
-    def __init__(self, config: ModelConfig, cache: CacheConfig, weights: dict[str, np.ndarray] | None, device_id=0):
+    def __init__(
+        self,
+        config: ModelConfig,
+        cache: CacheConfig,
+        weights: dict[str, np.ndarray] | None,
+        device_id=0,
+        kv: dict[str, int] | None = None,
+    ):
+        """`kv`: device addresses of KV pools this model uses but does not own (IPC memory another process
+        exported: a co-located prefill instance's cache), by pool name; the others are allocated here."""
         self.config, self.cache, self.device_id = config, cache, device_id
         check(acl.rt.set_device(device_id), f"set_device({device_id})")
         self.stream = checked(acl.rt.create_stream(), "create_stream")
         self.events = [checked(acl.rt.create_event(), "create_event") for _ in range(2)]
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device address, bytes)
+        self.borrowed = set(kv or ())
+        for name, spec in kv_cache_specs(config, cache).items():
+            if name in self.borrowed:
+                self.buffers[name] = (kv[name], spec.nbytes)
         for name, spec in {**weight_specs(config), **kv_cache_specs(config, cache)}.items():
             self._reserve(name, spec.nbytes)
             if weights is not None and name in weights:
@@ -136,9 +149,14 @@ class AclModel:
         step = Decode(tuple(context_lens), max(len(t) for t in block_tables))
         return self._step(step, [[t] for t in tokens], block_tables)
 
+    def kv_pools(self) -> dict[str, tuple[int, int]]:
+        """The KV pools, by name: (device address, bytes)."""
+        return {name: self.buffers[name] for name in kv_cache_specs(self.config, self.cache)}
+
     def close(self) -> None:
-        for ptr, _ in self.buffers.values():
-            check(acl.rt.free(ptr), "free")
+        for name, (ptr, _) in self.buffers.items():
+            if name not in self.borrowed:
+                check(acl.rt.free(ptr), "free")
         self.buffers.clear()
         for event in self.events:
             check(acl.rt.destroy_event(event), "destroy_event")

@@ -85,11 +85,17 @@ class BatchingConfig:
     eos_token_id: int | None = None
     role: Role = Role.COLOCATED
     decode_buckets: tuple[int, ...] = ()  # empty: power_of_two_buckets(max_num_seqs)
+    chunked_prefill: bool = True  # False: a prompt is prefilled whole, in one step (for executors without chunks)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise InvalidParam(f"batching config: {name} must be at least 1, got {getattr(self, name)}")
+        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise InvalidParam(
+                f"batching config: without chunked prefill a whole context ({self.max_model_len} tokens) must fit "
+                f"one step; max_num_batched_tokens is {self.max_num_batched_tokens}"
+            )
         if not self.decode_buckets:
             object.__setattr__(self, "decode_buckets", power_of_two_buckets(self.max_num_seqs))
         buckets = self.decode_buckets
@@ -332,7 +338,9 @@ class Batcher:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             head = self._waiting[0]
             need = self._blocks_for(head.prefill_target)
-            if need > self.pool.num_free or budget <= sum(r.prefill_target - r.computed for r in chosen):
+            planned = sum(r.prefill_target - r.computed for r in chosen)
+            whole = 0 if self.config.chunked_prefill else head.prefill_target
+            if need > self.pool.num_free or budget <= planned or planned + whole > budget:
                 break
             head.blocks = self.pool.allocate(need)
             self._running.append(self._waiting.popleft())

@@ -447,3 +447,22 @@ def test_a_shared_pool_hands_blocks_from_prefill_to_decode_without_a_copy():
     assert [e.blocks for e in decode.schedule(3.0).entries] == [blocks]
     decode.abort("r")
     assert pool.num_used == 0
+
+
+def test_without_chunked_prefill_prompts_are_prefilled_whole():
+    b = batcher(num_blocks=64, max_num_batched_tokens=64, max_model_len=64, chunked_prefill=False)
+    for rid, n in (("a", 40), ("b", 30), ("c", 20)):
+        b.add(rid, prompt_tokens=n, max_tokens=2, now=0.0)
+    first, _ = step(b, 1.0)
+    assert [(e.request_id, e.start, e.num_tokens) for e in first.entries] == [("a", 0, 40)]  # b would not fit whole
+    second, _ = step(b, 2.0)
+    assert [(e.request_id, e.num_tokens) for e in second.entries] == [("b", 30), ("c", 20)]
+    with pytest.raises(InvalidParam, match="whole context"):
+        BatchingConfig(
+            num_blocks=4,
+            block_size=4,
+            max_num_seqs=2,
+            max_num_batched_tokens=8,
+            max_model_len=16,
+            chunked_prefill=False,
+        )
