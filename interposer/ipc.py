@@ -7,7 +7,8 @@ The daemon keeps the allow-list (pids as the daemon sees them, which is what acl
 it holds across container pid namespaces) and who holds what: an export cannot be imported once closed or
 freed, its memory cannot be freed while imported, and the physical bytes stay until the exporter and every
 importer have let go (a killed importer's imports are closed with its session; a killed exporter's memory
-lives on until its importers close).
+lives on until its importers close). Memory of another chip, imported with peer access, can only be copied to
+and from (over the chips' interconnect): no kernel reads another chip's memory.
 """
 
 from __future__ import annotations
@@ -67,14 +68,14 @@ class IpcRegistry:
                 "acl.rt.ipc_mem_set_import_pid with the pid acl.rt.device_get_bare_tgid gives the importer",
                 AclError.RT_NO_PERMISSION,
             )
-        if export.physical is not physical:
-            raise InvalidParam(
-                "ipc_mem_import_by_key: the memory is on another physical NPU; importing across chips is not "
-                "emulated (copy it device to device instead)",
-                AclError.FEATURE_UNSUPPORTED,
-            )
         if flags & ~IMPORT_ENABLE_PEER_ACCESS:
             raise InvalidParam(f"ipc_mem_import_by_key flags {flags}: only 0 and 1 (enable peer access) exist")
+        if export.physical is not physical and not flags & IMPORT_ENABLE_PEER_ACCESS:
+            raise InvalidParam(
+                "ipc_mem_import_by_key: the memory is on another physical NPU; import it with "
+                "ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS (1), then copy it device to device",
+                AclError.FEATURE_UNSUPPORTED,
+            )
         if importer is export.exporter or importer in export.importers:
             raise InvalidParam(f"ipc_mem_import_by_key: this process already holds key {key[:8]}…")
         export.importers.add(importer)

@@ -27,7 +27,7 @@ from npu.emulated import dtypes
 from npu.emulated.ops import Kernel, KernelTask, TensorSpec, bind
 from npu.errors import AclError, FlexNPUError, InvalidParam, NotSupported, OutOfMemory
 from npu.memory import Region, rounded_size
-from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice, Task
+from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice, PeerCopy, Task
 from scheduler.runner import Runner
 from scheduler.stream import AsyncFailure, Event, FailEntry, Phase, RecordEntry, Stream, TaskEntry, WaitEntry
 
@@ -180,8 +180,22 @@ class Translator:
     def _stream(self, handle: int) -> Stream:
         return self.default_stream if handle == 0 else self.handles.get(handle, Kind.STREAM)
 
-    def _region(self, ptr: int, count: int, what: str) -> Region:
-        return self.vdev.space.region(ptr, count, self, what)
+    def _region(self, ptr: int, count: int, what: str, peer: bool = False) -> Region:
+        """The bytes at [ptr, ptr+count); another chip's (imported with peer access) only where `peer` allows."""
+        region = self.vdev.space.region(ptr, count, self, what)
+        if not peer and region.buffer.home is not self.vdev.physical.npu.memory:
+            raise InvalidParam(
+                f"{what} 0x{ptr:x}: memory of another NPU (IPC memory imported with peer access) can only be "
+                "copied device to device"
+            )
+        return region
+
+    def _copy(self, args, what: str) -> DeviceToDevice:
+        """A device-to-device copy; across the interconnect when one side is another chip's memory."""
+        dst = self._region(args.dst, args.count, f"{what} dst", peer=True)
+        src = self._region(args.src, args.count, f"{what} src", peer=True)
+        local = self.vdev.physical.npu.memory
+        return DeviceToDevice(dst, src) if dst.buffer.home is src.buffer.home is local else PeerCopy(dst, src)
 
     def _idle(self) -> bool:
         return all(s.idle for s in self._streams())
@@ -453,10 +467,7 @@ class Translator:
         return self._blocking(seq, DeviceToHost(region, _ignore), lambda: Answer(AclError.SUCCESS, region.peek()))
 
     def _memcpy_d2d(self, seq, args, data):
-        task = DeviceToDevice(
-            self._region(args.dst, args.count, "memcpy dst"), self._region(args.src, args.count, "memcpy src")
-        )
-        return self._blocking(seq, task)
+        return self._blocking(seq, self._copy(args, "memcpy"))
 
     def _memset(self, seq, args, data):
         return self._blocking(seq, Fill(self._region(args.ptr, args.count, "memset ptr"), _byte(args.value)))
@@ -481,14 +492,7 @@ class Translator:
 
     def _memcpy_d2d_async(self, seq, args, data):
         stream = self._stream(args.stream)
-        self._submit(
-            stream,
-            seq,
-            lambda: DeviceToDevice(
-                self._region(args.dst, args.count, "memcpy_async dst"),
-                self._region(args.src, args.count, "memcpy_async src"),
-            ),
-        )
+        self._submit(stream, seq, lambda: self._copy(args, "memcpy_async"))
 
     def _memset_async(self, seq, args, data):
         stream = self._stream(args.stream)

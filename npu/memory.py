@@ -40,6 +40,7 @@ class Buffer:
     address: int = 0  # on a real device: its device address
     store: Store | None = None
     holders: int = 1  # the session that allocated it, and each process that imported it (IPC memory)
+    home: object = None  # the device memory it belongs to (a peer chip's, for IPC memory imported across chips)
 
     def let_go(self) -> bool:
         """One holder lets go; True when that was the last one and the bytes can go back."""
@@ -114,7 +115,7 @@ class DeviceMemory:
                 'use mode = "timing" for this physical NPU (shapes only, no backing store)'
             ) from None
         self.used += real
-        return Buffer(real, data)
+        return Buffer(real, data, home=self)
 
     def free(self, buffer: Buffer) -> None:
         """One holder lets go of `buffer`; the memory goes back with the last."""

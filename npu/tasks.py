@@ -39,6 +39,7 @@ class Cost:
     flops: float = 0.0  # cube FLOPs
     hbm_bytes: float = 0.0  # HBM bytes read plus written
     link_bytes: float = 0.0  # host-link bytes
+    peer_bytes: float = 0.0  # bytes across the interconnect to another chip
     unit: Unit = Unit.VECTOR
     tiles: int = 1
     efficiency: float = 1.0
@@ -94,6 +95,17 @@ class DeviceToDevice:
         src, dst = self.src.view(), self.dst.view()
         if dst is not None:
             dst[:] = 0 if src is None else src
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCopy(DeviceToDevice):
+    """A copy between this chip's memory and another chip's (IPC memory imported with peer access): the bytes
+    cross the interconnect; this chip's copy engines move them, reading or writing its HBM once."""
+
+    name: str = "memcpy_peer"
+
+    def cost(self) -> Cost:
+        return Cost(hbm_bytes=self.dst.size, peer_bytes=self.dst.size, unit=Unit.DMA)
 
 
 @dataclass(frozen=True, slots=True)

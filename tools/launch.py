@@ -14,7 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import interposer.shim
 from vdevfs.daemon import is_stale
+
+SHIM_PATH = str(Path(interposer.shim.__file__).parent)  # holds acl/ and flexnpu_client/, standard library only
 
 READY_TIMEOUT_S = 20.0
 
@@ -66,3 +69,29 @@ def _serving_pid(mount: Path) -> int | None:
         return json.loads((mount / "status").read_text())["daemon"]["pid"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def shim_env(
+    devices: list[str] | None,
+    mount: Path | None = None,
+    direct: bool = False,
+    config: str | None = None,
+    phase: str | None = None,
+) -> dict[str, str]:
+    """The environment of an interposed program: the shim first on PYTHONPATH, and which virtual NPUs it sees —
+    device files through a daemon, or virtual NPU names of `config`'s topology in its own process (direct)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SHIM_PATH, env.get("PYTHONPATH")]))
+    for key in ("FLEXNPU_DEVICES", "FLEXNPU_DIRECT", "FLEXNPU_CONFIG", "FLEXNPU_PHASE"):
+        env.pop(key, None)
+    if mount is not None:
+        env["FLEXNPU_MOUNT"] = str(mount)
+    if phase:
+        env["FLEXNPU_PHASE"] = phase
+    if direct:
+        env["FLEXNPU_DIRECT"] = "1"
+        if config:
+            env["FLEXNPU_CONFIG"] = str(Path(config).resolve())
+    if devices:
+        env["FLEXNPU_DEVICES"] = ",".join(devices)
+    return env

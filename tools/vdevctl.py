@@ -10,14 +10,13 @@ from pathlib import Path
 
 import click
 
-import interposer.shim
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
-from tools import coverage
+from tools import coverage, launch
 from tools.tables import boxed
 
 DEFAULT_MOUNT = "/dev/flexnpu"
-SHIM_PATH = str(Path(interposer.shim.__file__).parent)  # holds acl/ and flexnpu_client/, standard library only
+SHIM_PATH = launch.SHIM_PATH
 
 
 def read_status(mount: Path) -> dict:
@@ -156,21 +155,11 @@ def run(mount: Path, devices: str | None, direct: bool, config: str | None, phas
 
     Example: vdevctl run --devices 2,3 -- python infer.py
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SHIM_PATH, env.get("PYTHONPATH")]))
-    env["FLEXNPU_MOUNT"] = str(mount)
-    env.pop("FLEXNPU_DEVICES", None)
-    if phase:
-        env["FLEXNPU_PHASE"] = phase
     if direct:
-        env["FLEXNPU_DIRECT"] = "1"
-        if config:
-            env["FLEXNPU_CONFIG"] = str(Path(config).resolve())
-        if devices:
-            env["FLEXNPU_DEVICES"] = ",".join(device_names(devices))
+        names = device_names(devices) if devices else None
+        env = launch.shim_env(names, mount, direct=True, config=config, phase=phase)
     else:
-        env.pop("FLEXNPU_DIRECT", None)
-        env["FLEXNPU_DEVICES"] = ",".join(_device_files(mount, devices))
+        env = launch.shim_env(_device_files(mount, devices), mount, phase=phase)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:

@@ -10,10 +10,11 @@ As the hardware works:
   the same core kind waits until earlier ones have placed every block (head-of-line blocking — the reason a
   phase-aware policy reserves cores with limits instead of dispatching everything at once).
 - A block's time is  launch overhead + max(compute, HBM bytes / its bandwidth, link bytes / its bandwidth),
+  for the host link (host <-> device copies) and the chip interconnect (copies between chips, HCCS) alike,
   compute = its FLOPs / (one core's peak x the kernel's efficiency). Its bandwidth is what it asks (the byte
   rate at which its other limits bind, at most the per-core memory path), unless the asks of all running
   blocks add up to more than the chip's HBM bandwidth: then that is water-filled over them (max-min fair).
-  Copies (Unit.DMA) hold no AI core: they use the copy engines, the host link and HBM.
+  Copies (Unit.DMA) hold no AI core: they use the copy engines, the links and HBM.
 
 Blocks of one job that started together finish together: they are one cohort, and the model's events are
 cohort completions — one per job unless it had to grow onto cores freed later — never one per block. Rates are
@@ -55,12 +56,13 @@ def block_dim(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: i
 
 
 @functools.lru_cache(maxsize=4096)
-def _block(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> tuple[int, float, float, float]:
-    """(blocks, compute seconds, HBM bytes, link bytes) of the busiest block; launches repeat the same few."""
+def _block(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> tuple:
+    """(blocks, compute seconds, HBM bytes, (host-link bytes, interconnect bytes)) of the busiest block; launches
+    repeat the same few."""
     blocks = block_dim(profile, cost, cube_limit, vector_limit)
     share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0
     compute = cost.flops * share / (profile.core_flops * cost.efficiency) if cost.flops else 0.0
-    return blocks, compute, cost.hbm_bytes * share, cost.link_bytes * share
+    return blocks, compute, cost.hbm_bytes * share, (cost.link_bytes * share, cost.peer_bytes * share)
 
 
 @dataclass(eq=False, slots=True)
@@ -73,7 +75,7 @@ class _Run:
     cohorts: int  # groups of its blocks on cores now
     compute_s: float  # per block, at the core's peak times the kernel's efficiency (overhead excluded)
     hbm: float  # bytes per block
-    link: float  # bytes per block
+    links: tuple[float, float]  # bytes per block over the host link and over the chip interconnect
     hbm_cap: float  # bytes/s one block's memory path can move
 
 
@@ -102,9 +104,9 @@ class BlockTiming:
         return bool(self.cohorts or self.waiting or self.done)
 
     def start(self, job: Job, cost: Cost) -> None:
-        blocks, compute, hbm, link = _block(self.profile, cost, job.cube_limit, job.vector_limit)
+        blocks, compute, hbm, links = _block(self.profile, cost, job.cube_limit, job.vector_limit)
         job.blocks, job.started_at = blocks, self.t
-        run = _Run(job, NEEDS[cost.unit], max(blocks, 1), 0, compute, hbm, link, _path(self.profile, cost.unit))
+        run = _Run(job, NEEDS[cost.unit], max(blocks, 1), 0, compute, hbm, links, _path(self.profile, cost.unit))
         self.waiting.append(run)
         self._place()
 
@@ -181,24 +183,22 @@ class BlockTiming:
         p = self.profile
         self._stale = False
         cohorts = self.cohorts
+        links = (p.host_link_bandwidth, p.interconnect_bandwidth)
         if len(cohorts) == 1:  # the common case: no sharing to work out
             c = cohorts[0]
             run = c.run
-            link = run.link / p.host_link_bandwidth
+            moved = max(v / bw for v, bw in zip(run.links, links, strict=True))
             hbm = run.hbm / min(run.hbm_cap, p.hbm_bandwidth / c.n)
-            self._set_rate(c, p.launch_overhead_s + max(run.compute_s, link, hbm))
+            self._set_rate(c, p.launch_overhead_s + max(run.compute_s, moved, hbm))
             self._due = c.due
             return
-        link_bw = _bandwidths(
-            cohorts,
-            [c.run.link for c in cohorts],
-            [p.host_link_bandwidth] * len(cohorts),
-            [c.run.compute_s for c in cohorts],
-            p.host_link_bandwidth,
-        )
-        floors = [
-            max(c.run.compute_s, c.run.link / bw if c.run.link else 0.0) for c, bw in zip(cohorts, link_bw, strict=True)
-        ]
+        # The links first (each asks what its compute allows), then HBM (what compute and links allow).
+        compute = [c.run.compute_s for c in cohorts]
+        floors = list(compute)
+        for i, capacity in enumerate(links):
+            volumes = [c.run.links[i] for c in cohorts]
+            granted = _bandwidths(cohorts, volumes, [capacity] * len(cohorts), compute, capacity)
+            floors = [max(f, v / bw if v else 0.0) for f, v, bw in zip(floors, volumes, granted, strict=True)]
         hbm_bw = _bandwidths(
             cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors, p.hbm_bandwidth
         )

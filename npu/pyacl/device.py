@@ -64,7 +64,7 @@ class VendorMemory:
             raise OutOfMemory(f"physical device out of memory: {real} bytes requested, {free} free")
         address = checked("rt.malloc", self.acl.rt.malloc(size, 0))
         self.used += real
-        return Buffer(real, None, address=address, store=self)
+        return Buffer(real, None, address=address, store=self, home=self)
 
     def free(self, buffer: Buffer) -> None:
         if not buffer.let_go():

@@ -139,11 +139,22 @@ def test_a_killed_exporters_memory_lives_until_its_importers_close(prefill, deco
     assert memory.used == 0
 
 
-def test_importing_from_another_chip_is_refused_naming_the_alternative(prefill, vdevs):
-    _, key = export(prefill, flags=1)
-    elsewhere = Client(vdevs[2], DECODE_PID)
-    status, message = elsewhere.call(Op.IPC_IMPORT, key=key, flags=1)
-    assert status == AclError.FEATURE_UNSUPPORTED and "device to device" in message
+def test_another_chips_memory_is_imported_with_peer_access_and_only_copied(prefill, vdevs):
+    ptr, key = export(prefill, flags=1)
+    write(prefill, ptr, b"prefilled KV")
+    elsewhere = Client(vdevs[2], DECODE_PID)  # davinci2 is on npu1
+    status, message = elsewhere.call(Op.IPC_IMPORT, key=key, flags=0)
+    assert status == AclError.FEATURE_UNSUPPORTED and "ENABLE_PEER_ACCESS" in message
+    remote = ok(elsewhere.call(Op.IPC_IMPORT, key=key, flags=1)).ptr
+    status, message = elsewhere.call(Op.MEMCPY_D2H, dst=0, src=remote, count=8)
+    assert status == AclError.INVALID_PARAM and "copied device to device" in message
+    local = ok(elsewhere.call(Op.MALLOC, size=4096, policy=0)).ptr
+    engine = elsewhere.translator.runner.engine
+    before = engine.t
+    ok(elsewhere.call(Op.MEMCPY_D2D, dst=local, src=remote, count=4096))
+    # The copy crossed the interconnect: 4 KiB at the 910B2's 56 GB/s HCCS link, plus the copy's launch.
+    assert engine.t - before == pytest.approx(3e-6 + 4096 / 56e9)
+    assert read(elsewhere, local, 12) == b"prefilled KV"
 
 
 def test_bad_keys_and_strangers_are_refused(prefill, decode):

@@ -218,25 +218,11 @@ def expected():
 
 
 @pytest.fixture(scope="module")
-def acl():
+def acl(direct_acl):
     """`import acl` as an interposed program gets it, in direct mode (the built-in numeric NPUs)."""
-    saved = os.environ.get("FLEXNPU_DIRECT")
-    os.environ["FLEXNPU_DIRECT"] = "1"
-    sys.path.insert(0, SHIM_PATH)
-    try:
-        import acl
-        from flexnpu_client.runtime import RUNTIME
-
-        assert RUNTIME.direct, "acl was imported before this fixture set FLEXNPU_DIRECT"
-        assert acl.init() == 0
-        yield acl
-        assert acl.finalize() == 0
-    finally:
-        sys.path.remove(SHIM_PATH)
-        if saved is None:
-            os.environ.pop("FLEXNPU_DIRECT", None)
-        else:
-            os.environ["FLEXNPU_DIRECT"] = saved
+    assert direct_acl.init() == 0
+    yield direct_acl
+    assert direct_acl.finalize() == 0
 
 
 def tiny_model(acl, seed: int = 0):

@@ -1,0 +1,81 @@
+"""Each deployment (workloads/deploy.py) serves concurrent requests end to end — worker processes through the
+shim, the daemon where the deployment has one — and the tiny model's tokens are the numpy reference's: a
+co-located decode worker reads the prefill worker's KV cache through IPC memory, a disaggregated one pulls it
+across chips. Killing the decode worker ends its requests with a clear error and leaves the rest serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+from reference_model import reference_greedy
+
+from tests.conftest import requires_mount
+from workloads.deploy import ServeSpec, deployment
+from workloads.model import model_config
+from workloads.serving import EngineError
+from workloads.weights import random_checkpoint
+
+TINY = model_config("tiny")
+PROMPTS = [list(b"hello, world"), list(b"abc"), list(b"the quick brown fox")]
+MAX_TOKENS = 5
+SPEC = ServeSpec(model="tiny", num_blocks=64, block_size=4, max_num_seqs=4, max_model_len=64, time_scale=0.0)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return reference_greedy(TINY, random_checkpoint(TINY, seed=0), PROMPTS, MAX_TOKENS - 1)
+
+
+async def complete(engine, request_id: str, prompt: list[int]) -> tuple[list[int], str | None]:
+    tokens, finish = [], None
+    async for out in engine.generate(request_id, prompt, MAX_TOKENS, ignore_eos=True):
+        tokens.append(out.token)
+        finish = out.finish
+    return tokens, finish
+
+
+async def serve_all(kind: str, tmp_path) -> list:
+    results: dict[int, tuple] = {}
+    async with deployment(kind, SPEC, tmp_path) as engine:
+
+        async def one(i: int) -> None:
+            results[i] = await complete(engine, f"r{i}", PROMPTS[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(PROMPTS)):
+                nursery.start_soon(one, i)
+        assert engine.stats().kv_blocks_used == 0  # every block given back
+    return [results[i] for i in range(len(PROMPTS))]
+
+
+def test_direct_serves_the_reference_tokens(tmp_path, expected):
+    results = trio.run(serve_all, "direct", tmp_path)
+    assert [tokens for tokens, _ in results] == expected
+    assert {finish for _, finish in results} == {"length"}
+
+
+@requires_mount
+@pytest.mark.parametrize("kind", ["colocated", "disaggregated"])
+def test_split_deployments_serve_the_reference_tokens(kind, tmp_path, expected):
+    results = trio.run(serve_all, kind, tmp_path)
+    assert [tokens for tokens, _ in results] == expected
+
+
+@requires_mount
+def test_killing_the_decode_worker_ends_its_requests_and_the_prefill_goes_on(tmp_path):
+    async def main():
+        async with deployment("colocated", SPEC, tmp_path) as engine:
+            first = await complete(engine, "before", PROMPTS[0])
+            assert first[1] == "length"
+            os.kill(engine.decode.worker.pid, signal.SIGKILL)
+            with pytest.raises(EngineError, match="decode engine .* killed by signal 9"):
+                await complete(engine, "during", PROMPTS[1])
+            # A one-token request never needs the decode worker: the prefill worker still serves it.
+            tokens = [out.token async for out in engine.generate("after", PROMPTS[2], 1, ignore_eos=True)]
+            assert len(tokens) == 1
+            assert engine.stats().kv_blocks_used == 0
+
+    trio.run(main)
