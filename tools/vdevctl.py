@@ -226,6 +226,14 @@ def bench_ops(out: Path, quick: bool) -> None:
     _bench("ops", out, quick)
 
 
+@bench.command("serve")
+@click.option("--out", type=click.Path(path_type=Path), default="bench-serve.json", show_default=True)
+@QUICK
+def bench_serve(out: Path, quick: bool) -> None:
+    """LLM serving: decode overhead through the daemon vs direct; deployments under load over HTTP."""
+    _bench("serve", out, quick)
+
+
 @bench.command("fidelity")
 @click.option("--out", type=click.Path(path_type=Path), default="bench-fidelity.json", show_default=True)
 @QUICK
