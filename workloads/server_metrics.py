@@ -57,7 +57,7 @@ class ServerMetrics:
         self.requests = Counter("flexnpu_requests", "Completion requests by outcome.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # present at 0 from the start, so rates need no special case
-        self.prompt_tokens = Counter("flexnpu_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.prompt_tokens = Counter("flexnpu_prompt_tokens", "Prompt tokens sent to the engine.", registry=r)
         self.generation_tokens = Counter("flexnpu_generation_tokens", "Tokens generated.", registry=r)
         r.register(_EngineCollector(engine))
 

@@ -29,6 +29,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.running = 0
         self.waiting = 0
+        self.gone = trio.Event()  # set by abort()
         self.started = trio.Event()  # set as a token goes out; a test replaces it to wait for the next request
 
     async def generate(self, request_id, prompt, max_tokens, ignore_eos):
@@ -53,6 +54,7 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+        self.gone.set()
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -234,6 +234,28 @@ async def test_client_disconnect_aborts_the_request(stream, autojump_clock):
     assert m["flexnpu_requests_total{outcome=aborted}"] == 1
 
 
+async def test_a_client_closing_its_connection_mid_stream_aborts_the_request():
+    """The same through hypercorn, with a bare socket as the client: closing it must reach the app as
+    http.disconnect."""
+    engine = FakeEngine(token_delay=0.05)
+    body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 60, "stream": True}).encode()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, engine, "127.0.0.1", 0)
+        port = int(binds[0].rsplit(":", 1)[1])
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n\r\n"
+            await stream.send_all(head.encode() + body)
+            received = b""
+            while b"data: " not in received:
+                received += await stream.receive_some()
+            await stream.aclose()
+            await engine.gone.wait()
+        nursery.cancel_scope.cancel()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert engine.aborted == [engine.calls[0][0]] and engine.running == 0
+
+
 async def test_serve_listens_on_loopback_and_stops_on_sigterm():
     engine = FakeEngine(eos_after=2)
     async with trio.open_nursery() as nursery:
