@@ -31,7 +31,6 @@ from workloads.serving import Engine, EngineError, RequestRejected
 
 MAX_BODY = 4 << 20  # far above the longest prompt a context of 32768 tokens allows, even as JSON ids
 DEFAULT_MAX_TOKENS = 16
-GRACE_S = 5.0  # on SIGINT/SIGTERM, how long requests in flight may go on
 
 
 class ApiError(Exception):
@@ -314,14 +313,19 @@ async def _lifespan(receive, send) -> None:
 
 
 async def serve(
-    engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, task_status=trio.TASK_STATUS_IGNORED
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    grace_s: float = 5.0,
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `engine` over HTTP until SIGINT or SIGTERM (or cancellation), then stop cleanly: no new
-    connections, requests in flight get `GRACE_S` to finish, then are cancelled (and aborted in the engine).
+    connections, requests in flight get `grace_s` to finish, then are cancelled (and aborted in the engine).
     `task_status` gets the bound URLs once listening (port 0 picks a free port)."""
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.graceful_timeout = GRACE_S
+    config.graceful_timeout = grace_s
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def first_signal() -> None:

@@ -193,8 +193,11 @@ async def test_unknown_route_and_wrong_method():
 
 
 async def test_engine_failure_mid_stream_is_an_error_event_and_the_server_goes_on():
-    engine = FakeEngine(fail_after=3)
+    engine = FakeEngine(fail_after=0)
     _, client = client_for(engine)
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "stream": True})
+    assert r.status_code == 503  # failed before the first token: no stream was started
+    engine.fail_after = 3
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 8, "stream": True})
     got = events(r)
     assert r.status_code == 200 and len(got) == 3 + 2 and got[-1] == "[DONE]"
@@ -268,3 +271,22 @@ async def test_serve_listens_on_loopback_and_stops_on_sigterm():
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient(base_url=binds[0]) as client:
             await client.get("/v1/models")
+
+
+async def test_sigterm_aborts_what_is_still_running_after_the_grace_period():
+    engine = FakeEngine(token_delay=0.05)
+    request = {"model": MODEL, "prompt": "a", "max_tokens": 60, "stream": True}
+
+    async def client_cut_off(url):
+        async with httpx.AsyncClient(base_url=url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):  # the server closed the connection mid-response
+                await client.post("/v1/completions", json=request)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, engine, "127.0.0.1", 0, grace_s=0.2))
+            nursery.start_soon(client_cut_off, binds[0])
+            await engine.started.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+        # Both tasks ended by themselves: serve() after the grace period, the client when its stream was cut.
+    assert engine.aborted == [engine.calls[0][0]] and engine.running == 0
