@@ -194,6 +194,46 @@ def shim(show_path: bool, show_coverage: bool) -> None:
         click.echo(SHIM_PATH)
 
 
+@main.command()
+@click.option(
+    "--deployment",
+    "kind",
+    type=click.Choice(["direct", "colocated", "disaggregated"]),
+    default="colocated",
+    show_default=True,
+    help="direct: one process, no daemon; colocated: prefill and decode processes on one NPU; "
+    "disaggregated: on two NPUs",
+)
+@click.option("--model", default="tiny", show_default=True, help="tiny (real tokens) or qwen2.5-7b (timing mode)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--time-scale", type=float, default=1.0, show_default=True, help="wall seconds per modeled second")
+@click.option("--max-num-seqs", type=int, help="requests decoding at once (default: the model's)")
+def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_num_seqs: int | None) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models, GET /metrics)
+    until SIGINT/SIGTERM, starting what the deployment needs (the daemon on a private mount, the engine
+    processes) and stopping it all cleanly."""
+    import trio
+
+    from workloads.deploy import ServeSpec, deployment
+    from workloads.model import model_config
+    from workloads.server import serve as serve_http
+
+    try:
+        model_config(model)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    changes = {"time_scale": time_scale} | ({"max_num_seqs": max_num_seqs} if max_num_seqs else {})
+    spec = ServeSpec.for_model(model, **changes)
+
+    async def main() -> None:
+        async with deployment(kind, spec) as engine:
+            click.echo(f"serving {engine.model} ({kind}) at http://{host}:{port}/v1 — Ctrl-C stops", err=True)
+            await serve_http(engine, host, port)
+
+    trio.run(main)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks; each measures its baseline in the same run and prints ratios."""

@@ -20,7 +20,7 @@ import contextlib
 import math
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -38,11 +38,12 @@ from workloads.batching import (
     StepKind,
     StepPlan,
 )
-from workloads.model import model_config
+from workloads.model import model_config, parameter_count
 from workloads.serving import EngineError, EngineStats, Output, RequestRejected
 from workloads.workerproc import WorkerProcess
 
 DEPLOYMENTS = ("direct", "colocated", "disaggregated")
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,26 @@ class ServeSpec:
     seed: int = 0
     timing: bool = False  # shapes only (a 7B model's weights cost no host memory); tokens are then meaningless
     time_scale: float = 1.0  # wall seconds per modeled second of the emulated NPUs
+
+    @classmethod
+    def for_model(cls, model: str, **changes) -> ServeSpec:
+        """Sizes that fit the model on a 910B2 virtual NPU (32 GiB, two per chip): the tiny model computes real
+        tokens; a 7B-class model runs in timing mode, its KV cache what its weights leave of the quota."""
+        config = model_config(model)
+        if config.name == "tiny":
+            return replace(cls(model=model, max_model_len=config.max_position_embeddings), **changes)
+        block_size = 128
+        block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * block_size
+        kv_bytes = 32 * GiB * 0.9 - parameter_count(config) * 2  # bf16 weights; a tenth for activations
+        defaults = cls(
+            model=model,
+            num_blocks=int(kv_bytes // block_bytes),
+            block_size=block_size,
+            max_num_seqs=64,
+            max_model_len=8192,
+            timing=True,
+        )
+        return replace(defaults, **changes)
 
 
 @dataclass(eq=False)

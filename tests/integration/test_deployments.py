@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import trio
 from reference_model import reference_greedy
@@ -79,3 +84,34 @@ def test_killing_the_decode_worker_ends_its_requests_and_the_prefill_goes_on(tmp
             assert engine.stats().kv_blocks_used == 0
 
     trio.run(main)
+
+
+def test_vdevctl_serve_answers_over_http_and_stops_cleanly_on_sigint():
+    """The front end over a deployment, as a user starts it: one command, then SIGINT stops everything."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tools.vdevctl", "serve", "--deployment", "direct", "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(f"{url}/models").json()
+                break
+            except httpx.TransportError:
+                assert serve.poll() is None and time.monotonic() < deadline, "vdevctl serve did not come up"
+                time.sleep(0.1)
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        answer = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4}).json()
+        assert answer["usage"]["completion_tokens"] == 4
+        bad = httpx.post(f"{url}/completions", json={"model": "llama", "prompt": "hello"})
+        assert bad.status_code == 404 and "llama" in bad.json()["error"]["message"]
+    finally:
+        serve.send_signal(signal.SIGINT)
+        _, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
