@@ -70,9 +70,8 @@ def overhead(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
         config = Path(tmp) / "decode.toml"
         config.write_text(DECODE_CONFIG.format(time_scale=0))  # no clock: the host's time per step alone
-        unpaced = _summary(
-            [_decode(launch.shim_env(["davinci0"], direct=True, config=str(config)), batch, context, steps)], batch
-        )
+        alone = _decode(launch.shim_env(["davinci0"], direct=True, config=str(config)), batch, context, steps)
+        unpaced = _summary([alone], batch, 1.0)
         time_scale = pacing(unpaced["wall_ms_per_step"], unpaced["modeled_ms_per_step"])
         config.write_text(DECODE_CONFIG.format(time_scale=time_scale))
         mount = Path(tmp) / "dev"
@@ -97,8 +96,97 @@ def overhead(quick: bool) -> dict:
     }
 
 
+# -- serving under load ---------------------------------------------------------------------------------------
+
+SERVE_TIME_SCALE = 8.0  # a decode step's host work (~40 ms of Python per ~370 launches) in an eighth of its wall
+
+
+def to_modeled(result: dict, time_scale: float) -> dict:
+    """A load run measured in wall time, restated in the emulated chip's modeled time."""
+    out = dict(result)
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        out[key] = {k: (v / time_scale if isinstance(v, float) else v) for k, v in result[key].items()}
+    for key in ("request_throughput", "output_throughput", "goodput"):
+        out[key] = result[key] * time_scale
+    slo = {k: v / time_scale for k, v in result["settings"]["slo"].items()}
+    out["settings"] = dict(result["settings"], rate=_modeled_rate(result["settings"]["rate"], time_scale), slo=slo)
+    out["requests"] = [_scaled(r, time_scale) for r in result["requests"]]
+    return out
+
+
+def _scaled(request: dict, time_scale: float) -> dict:
+    times = ("sent_s", "ttft_s", "tpot_s", "e2e_s")
+    scaled = {k: (v / time_scale if k in times and v is not None else v) for k, v in request.items()}
+    scaled["itl_s"] = [gap / time_scale for gap in request["itl_s"]]
+    return scaled
+
+
+def _modeled_rate(rate, time_scale: float):
+    return rate if rate == "inf" else round(rate * time_scale, 6)
+
+
+async def _serve_and_load(kind: str, spec, rates: list[float], num_requests: int, lengths, slo) -> dict:
+    import trio
+
+    from workloads.deploy import deployment
+    from workloads.loadgen import Slo, run_load
+    from workloads.server import serve
+
+    wall_slo = Slo(slo.ttft_s * spec.time_scale, slo.tpot_s * spec.time_scale)  # judged in modeled time
+    runs = {}
+    async with deployment(kind, spec) as engine, trio.open_nursery() as nursery:
+        (url,) = await nursery.start(serve, engine, "127.0.0.1", 0)
+        for rate in rates:
+            for instance in engine.instances:
+                instance.timings.clear()
+            wall = await run_load(url, engine.model, rate / spec.time_scale, num_requests, lengths, slo=wall_slo)
+            run = to_modeled(wall, spec.time_scale)
+            run["host_share"] = _host_share(engine, spec.time_scale)
+            runs[f"{kind} @ {rate:g}/s"] = run
+        nursery.cancel_scope.cancel()
+    return runs
+
+
+def _host_share(engine, time_scale: float) -> dict:
+    """Per step kind: the median host work (inputs and launches) beside the step's device time paced to the wall,
+    and their ratio: it must stay well under 1 for the emulated device, not the host, to decide the figures."""
+    shares = {}
+    for kind in ("prefill", "decode"):
+        steps = [(h, d * time_scale) for i in engine.instances for k, h, d in i.timings if k == kind]
+        if steps:
+            host, paced = statistics.median(h for h, _ in steps), statistics.median(p for _, p in steps)
+            shares[kind] = {"host_ms": host, "paced_device_ms": paced, "ratio": host / paced if paced else None}
+    return shares
+
+
+def serving(quick: bool, out_png: str) -> dict:
+    import trio
+
+    from workloads.deploy import DEPLOYMENTS, ServeSpec
+    from workloads.loadgen import CONVERSATION, DEFAULT_SLO, Length, Lengths, plot_cdfs
+
+    if quick:
+        rates, num_requests, lengths = [4.0, 16.0], 8, Lengths.fixed(512, 32)
+    else:  # the Azure conversation trace, outputs capped at 128 tokens to keep the run within minutes
+        rates, num_requests, lengths = [2.0, 4.0, 8.0], 24, Lengths(CONVERSATION.prompt, Length(211, 163, 128))
+    spec = ServeSpec.for_model("qwen2.5-7b", time_scale=SERVE_TIME_SCALE)
+    runs: dict[str, dict] = {}
+    for kind in DEPLOYMENTS:
+        runs |= trio.run(_serve_and_load, kind, spec, rates, num_requests, lengths, DEFAULT_SLO)
+    plot_cdfs(runs, out_png)
+    return {
+        "model": spec.model,
+        "time_scale": spec.time_scale,
+        "lengths": repr(lengths),
+        "num_requests": num_requests,
+        "rates_modeled": rates,
+        "runs": runs,
+        "cdf_png": out_png,
+    }
+
+
 def run(quick: bool = False) -> dict:
-    return {"overhead": overhead(quick)}
+    return {"overhead": overhead(quick), "serving": serving(quick, "bench-serve-cdf.png")}
 
 
 def render(r: dict) -> str:
@@ -112,7 +200,22 @@ def render(r: dict) -> str:
             ("tokens/s (modeled time)", f"{d['tokens_per_s']:.0f}", f"{x['tokens_per_s']:.0f}"),
         ]
     )
+    from workloads.loadgen import render as render_runs
+
+    sv = r["serving"]
+    serving_table = render_runs(sv["runs"], baseline=next(iter(sv["runs"])))
+    worst = max(
+        (s["ratio"] for run in sv["runs"].values() for s in run["host_share"].values() if s["ratio"]), default=0.0
+    )
+    host_note = (
+        f"host work per step is at most {worst:.0%} of the step's paced device time: the emulated device decides"
+        if worst < 0.8
+        else f"WARNING: host work reached {worst:.0%} of a step's paced device time: raise SERVE_TIME_SCALE"
+    )
     return (
+        f"Serving {sv['model']} (timing mode), {sv['num_requests']} requests per rate, {sv['lengths']}; rates and "
+        f"latencies in modeled time (paced at time_scale {sv['time_scale']}); CDFs: {sv['cdf_png']}\n"
+        f"{serving_table}\n{host_note}\n\n"
         f"{table}\nbatch {o['batch']}, {o['context']} cached tokens. Host work per step {o['host_ms_per_step']:.1f} ms "
         f"vs {o['modeled_ms_per_step']:.1f} ms modeled: paced at time_scale {o['time_scale']} so the device decides. "
         f"The daemon is {o['daemon_slower_pct']:+.2f} % slower than direct mode (target <= 1 %)."

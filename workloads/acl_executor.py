@@ -139,6 +139,7 @@ class AclModel:
                 self._write(name, weights[name])
         self.device_ms = 0.0  # the last step's time on the device, between events on its stream
         self.host_ms = 0.0  # the last step's time on the host, inputs to tokens
+        self.issue_ms = 0.0  # of which the host's own work: inputs written and every launch issued
 
     def prefill(self, prompts: list[list[int]], block_tables: list[list[int]]) -> list[int]:
         """Whole prompts; each request's blocks must hold its prompt. Returns each prompt's next token."""
@@ -178,6 +179,7 @@ class AclModel:
         for call in calls:
             self._launch(call, handles)
         check(acl.rt.record_event(end, self.stream), "record_event")
+        self.issue_ms = (time.perf_counter() - began) * 1e3
         check(acl.rt.synchronize_stream(self.stream), "synchronize_stream")
         handles.destroy()
         self.device_ms = checked(acl.rt.event_elapsed_time(start, end), "event_elapsed_time")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,8 @@ class Instance:
     wake: trio.Event = field(default_factory=trio.Event)
     inbox: list[_Handover] = field(default_factory=list)  # decode: handed-over requests to take
     dead: str | None = None  # why the worker can no longer serve
+    # recent steps: (kind, ms of host work issuing it, modeled ms on the device)
+    timings: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
     def poke(self) -> None:
         self.wake.set()
@@ -205,6 +208,7 @@ class Deployment:
             last = [self.requests[e.request_id].tokens[-1] for e in entries]
             lengths = [e.start + 1 for e in entries]
             answer = await instance.worker.call("decode", tokens=last, context_lens=lengths, blocks=blocks)
+        instance.timings.append((plan.kind.value, answer["issue_ms"], answer["device_ms"]))
         return {e.request_id: t for e, t in zip(entries, answer["tokens"], strict=True) if e.samples}
 
     def _route(self, instance: Instance, events: list) -> None:

@@ -11,7 +11,7 @@ Protocol: JSON lines, one request on stdin, one answer on stdout, in order:
                                                                   on another NPU)
   {"op": "prefill", "prompts": [[t...]], "blocks": [[b...]]}
   {"op": "decode", "tokens": [t...], "context_lens": [n...], "blocks": [[b...]]}
-                                                        -> {"tokens": [...], "device_ms": x, "host_ms": y}
+                                        -> {"tokens": [...], "device_ms": x, "host_ms": y, "issue_ms": z}
   {"op": "pull", "blocks": [[src, dst], ...]}           -> {}   (disaggregated: copy KV blocks from the imported
                                                                   peer pools into this worker's own)
 A request that fails answers {"error": message}; the worker goes on. End of input: it frees everything, exits 0.
@@ -117,7 +117,7 @@ class Worker:
 
     @staticmethod
     def _timed(model: AclModel, tokens: list[int]) -> dict:
-        return {"tokens": tokens, "device_ms": model.device_ms, "host_ms": model.host_ms}
+        return {"tokens": tokens, "device_ms": model.device_ms, "host_ms": model.host_ms, "issue_ms": model.issue_ms}
 
 
 def main() -> None:
