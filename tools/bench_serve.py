@@ -34,19 +34,23 @@ physical = "npu0"
 """
 
 
-def _decode(env: dict, batch: int, context: int, steps: int) -> dict:
-    """Decode steps in a program of their own (workloads/generate.py decode), interposed as `env` says."""
-    args = ["--batch", str(batch), "--context", str(context), "--steps", str(steps)]
+def _generate(env: dict, command: str, **options) -> dict:
+    """A step program of its own (workloads/generate.py COMMAND), interposed as `env` says; its JSON line."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     done = subprocess.run(
-        [sys.executable, "-m", "workloads.generate", "decode", *args],
+        [sys.executable, "-m", "workloads.generate", command, *args],
         env=env,
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode:
-        raise RuntimeError(f"workloads.generate decode failed: {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"workloads.generate {command} failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _decode(env: dict, batch: int, context: int, steps: int) -> dict:
+    return _generate(env, "decode", batch=batch, context=context, steps=steps)
 
 
 def _summary(runs: list[dict], batch: int, time_scale: float) -> dict:
@@ -94,6 +98,60 @@ def overhead(quick: bool) -> dict:
         "daemon_slower_pct": (direct["tokens_per_s"] / daemon["tokens_per_s"] - 1) * 100,
         "target": "daemon <= 1 % slower than direct",
     }
+
+
+# -- the modeled chip beside public serving figures ------------------------------------------------------------
+
+VLLM_ASCEND = "vllm-ascend issue #776 (v0.7.3, Qwen2.5-7B, one 910B, median)"
+FIDELITY = [  # (quantity, generate.py command and options, public figure in ms or None, source, note)
+    (
+        "TPOT, batch 1 (decode step, 1024 cached)",
+        ("decode", {"batch": 1}),
+        23.4,
+        VLLM_ASCEND + ", MindIE Turbo at 1 req/s",
+        "served TPOT includes the host's scheduling, sampling and launches; eager mode measured 36.5 ms",
+    ),
+    (
+        "decode step, batch 8",
+        ("decode", {"batch": 8}),
+        33.4,
+        VLLM_ASCEND + ", offline batch 8: 4275 ms for 128 tokens, eager",
+        "eager mode launches every op from the host",
+    ),
+    ("TPOT, batch 32 (decode step, 1024 cached)", ("decode", {"batch": 32}), None, "no public figure found", ""),
+    (
+        "TTFT, 1k-token prompt (prefill step)",
+        ("prefill", {"prompt_len": 1024}),
+        None,
+        "no public figure found (#776: 97.9 ms median TTFT at 1 req/s, prompt lengths not stated)",
+        "",
+    ),
+    ("TTFT, 4k-token prompt (prefill step)", ("prefill", {"prompt_len": 4096}), None, "no public figure found", ""),
+]
+
+
+def fidelity() -> list[dict]:
+    """Modeled device time of the steps the public figures measure, in virtual time (no pacing)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
+        config = Path(tmp) / "virtual.toml"
+        config.write_text(DECODE_CONFIG.format(time_scale=0))
+        env = launch.shim_env(["davinci0"], direct=True, config=str(config))
+        for what, (command, options), public, source, note in FIDELITY:
+            extra = {"context": 1024, "steps": 2} if command == "decode" else {}
+            result = _generate(env, command, **options, **extra)
+            device = result["device_ms"][-1] if command == "decode" else result["device_ms"]
+            rows.append(
+                {
+                    "what": what,
+                    "modeled_ms": device,
+                    "public_ms": public,
+                    "source": source,
+                    "note": note,
+                    "ratio": device / public if public else None,
+                }
+            )
+    return rows
 
 
 # -- serving under load ---------------------------------------------------------------------------------------
@@ -186,7 +244,7 @@ def serving(quick: bool, out_png: str) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    return {"overhead": overhead(quick), "serving": serving(quick, "bench-serve-cdf.png")}
+    return {"overhead": overhead(quick), "fidelity": fidelity(), "serving": serving(quick, "bench-serve-cdf.png")}
 
 
 def render(r: dict) -> str:
@@ -212,7 +270,22 @@ def render(r: dict) -> str:
         if worst < 0.8
         else f"WARNING: host work reached {worst:.0%} of a step's paced device time: raise SERVE_TIME_SCALE"
     )
+    fid = plain(
+        [("qwen2.5-7b on 910B2, modeled", "modeled ms", "public ms", "ratio", "source")]
+        + [
+            (
+                f["what"],
+                f"{f['modeled_ms']:.1f}",
+                "-" if f["public_ms"] is None else f"{f['public_ms']:.1f}",
+                "-" if f["ratio"] is None else f"{f['ratio']:.2f}",
+                f["source"],
+            )
+            for f in r["fidelity"]
+        ]
+    )
+    notes = "".join(f"\n  {f['what']}: {f['note']}" for f in r["fidelity"] if f["note"])
     return (
+        f"{fid}{notes}\n\n"
         f"Serving {sv['model']} (timing mode), {sv['num_requests']} requests per rate, {sv['lengths']}; rates and "
         f"latencies in modeled time (paced at time_scale {sv['time_scale']}); CDFs: {sv['cdf_png']}\n"
         f"{serving_table}\n{host_note}\n\n"

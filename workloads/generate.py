@@ -106,5 +106,37 @@ def decode(model, hf_config, batch, context, steps, block_size, device) -> None:
     )
 
 
+@main.command()
+@click.option("--model", default="qwen2.5-7b", show_default=True, help="a built-in model")
+@click.option("--prompt-len", type=int, default=1024, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="prompts prefilled together")
+@click.option("--block-size", type=int, default=128, show_default=True)
+@click.option("--device", type=int, default=0, show_default=True)
+def prefill(model, prompt_len, batch, block_size, device) -> None:
+    """One prefill step of `batch` prompts, weights allocated but not written (an NPU in timing mode): host and
+    device milliseconds, the device's being the step's time to first token."""
+    import acl
+    from workloads.acl_executor import AclModel, check
+
+    config = model_config(model)
+    tables = block_tables([prompt_len] * batch, block_size)
+    check(acl.init(), "init")
+    runner = AclModel(config, CacheConfig(sum(map(len, tables)), block_size), None, device)
+    runner.prefill([[0] * prompt_len] * batch, tables)
+    runner.close()
+    check(acl.finalize(), "finalize")
+    click.echo(
+        json.dumps(
+            {
+                "model": config.name,
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "host_ms": runner.host_ms,
+                "device_ms": runner.device_ms,
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
     main()
