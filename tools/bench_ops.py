@@ -16,19 +16,7 @@ from interposer.wire import COMMANDS, Op
 from tools import launch
 from tools.tables import plain
 
-CONFIG = """
-[daemon]
-time_scale = 0
-
-[[physical]]
-name = "npu0"
-chip = "910B2"
-mode = "timing"
-
-[[virtual]]
-name = "davinci0"
-physical = "npu0"
-"""
+CONFIG = launch.one_npu_config("timing")
 
 ACL_FLOAT16, ACL_FORMAT_ND = 1, 2
 GRAPH_OPS = 300

@@ -21,18 +21,6 @@ from pathlib import Path
 from tools import launch
 from tools.tables import plain
 
-DECODE_CONFIG = """
-[daemon]
-time_scale = {time_scale}
-[[physical]]
-name = "npu0"
-chip = "910B2"
-mode = "timing"
-[[virtual]]
-name = "davinci0"
-physical = "npu0"
-"""
-
 
 def _generate(env: dict, command: str, **options) -> dict:
     """A step program of its own (workloads/generate.py COMMAND), interposed as `env` says; its JSON line."""
@@ -73,11 +61,11 @@ def overhead(quick: bool) -> dict:
     results: dict[str, list[dict]] = {"daemon": [], "direct": []}
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
         config = Path(tmp) / "decode.toml"
-        config.write_text(DECODE_CONFIG.format(time_scale=0))  # no clock: the host's time per step alone
+        config.write_text(launch.one_npu_config("timing", 0))  # no clock: the host's time per step alone
         alone = _decode(launch.shim_env(["davinci0"], direct=True, config=str(config)), batch, context, steps)
         unpaced = _summary([alone], batch, 1.0)
         time_scale = pacing(unpaced["wall_ms_per_step"], unpaced["modeled_ms_per_step"])
-        config.write_text(DECODE_CONFIG.format(time_scale=time_scale))
+        config.write_text(launch.one_npu_config("timing", time_scale))
         mount = Path(tmp) / "dev"
         with launch.daemon(mount, config):
             for _ in range(rounds):
@@ -135,7 +123,7 @@ def fidelity() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
         config = Path(tmp) / "virtual.toml"
-        config.write_text(DECODE_CONFIG.format(time_scale=0))
+        config.write_text(launch.one_npu_config("timing", 0))
         env = launch.shim_env(["davinci0"], direct=True, config=str(config))
         for what, (command, options), public, source, note in FIDELITY:
             extra = {"context": 1024, "steps": 2} if command == "decode" else {}

@@ -95,3 +95,12 @@ def shim_env(
     if devices:
         env["FLEXNPU_DEVICES"] = ",".join(devices)
     return env
+
+
+def one_npu_config(mode: str = "timing", time_scale: float = 0, chip: str = "910B2") -> str:
+    """The TOML of one emulated NPU exposed whole as davinci0: what benchmarks and tests run single programs on."""
+    return (
+        f"[daemon]\ntime_scale = {time_scale}\n"
+        f'[[physical]]\nname = "npu0"\nchip = "{chip}"\nmode = "{mode}"\n'
+        '[[virtual]]\nname = "davinci0"\nphysical = "npu0"\n'
+    )

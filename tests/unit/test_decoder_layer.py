@@ -13,6 +13,7 @@ from interposer.wire import COMMANDS, AttrKind, Op
 from npu.emulated.ops import TensorSpec, bind
 from npu.emulated.timing import alone
 from npu.profiles import profile
+from tools.launch import one_npu_config
 
 BF16, F32, I32, ND = 27, 0, 3, 2
 H, FF, NQ, NKV, D, L = 3584, 18944, 28, 4, 128, 1024  # hidden, intermediate, heads, KV heads, head dim, context
@@ -20,17 +21,7 @@ KV = NKV * D  # 512
 HBM, OVERHEAD = 32 * 24 * 1.8e9, 3e-6  # 910B2: ddr_rate 32 B/cycle x 24 AI cores x 1.8 GHz
 B2 = profile("910B2")
 
-CONFIG = """
-[daemon]
-time_scale = 0
-[[physical]]
-name = "npu0"
-chip = "910B2"
-mode = "timing"
-[[virtual]]
-name = "davinci0"
-physical = "npu0"
-"""
+CONFIG = one_npu_config("timing")
 
 
 def bf16(*dims):

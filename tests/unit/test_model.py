@@ -16,6 +16,7 @@ import safetensors.numpy
 from npu.emulated.ops import bind
 from tests.conftest import ROOT
 from tests.reference_model import reference_greedy
+from tools.launch import one_npu_config
 from tools.vdevctl import SHIM_PATH
 from workloads.generate import block_tables, generate
 from workloads.model import (
@@ -271,17 +272,7 @@ def test_a_safetensors_checkpoint_gives_the_reference_tokens(tmp_path, expected)
     assert out["tokens"] == expected
 
 
-TIMING = """
-[daemon]
-time_scale = 0
-[[physical]]
-name = "npu0"
-chip = "910B2"
-mode = "timing"
-[[virtual]]
-name = "davinci0"
-physical = "npu0"
-"""
+TIMING = one_npu_config("timing")
 
 
 def test_a_qwen25_7b_decode_step_of_batch_32_runs_in_timing_mode(tmp_path):
