@@ -86,6 +86,7 @@ class Engine:
     # -- internals ----------------------------------------------------------------------------------------
 
     def _finish(self, entry: TaskEntry) -> None:
+        entry.job.owner = None  # entry and job point at each other: unlinked, a copy's bytes go when the entry does
         self.running.remove(entry)
         stream = entry.stream
         stream.running = None

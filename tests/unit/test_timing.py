@@ -224,3 +224,22 @@ def test_engine_honours_a_streams_own_core_limit():
 def test_an_empty_kernel_on_a_chip_without_launch_overhead_completes_at_once():
     free = B2.with_(launch_overhead_s=0.0)
     assert timing.alone(free, Cost(unit=Unit.VECTOR)) == 0.0
+
+
+def test_a_finished_task_is_freed_at_once_not_by_the_cycle_collector():
+    """A blocking copy's task holds its bytes (64 MiB for a big memcpy): the engine must not keep them alive in a
+    reference cycle until Python's cycle collector happens to run (the daemon's RSS grew by 256 MiB so)."""
+    import gc
+    import weakref
+
+    engine = engine_with(stream := Stream())
+    task = FakeTask(GEMM)
+    gone = weakref.ref(task)
+    engine.submit(TaskEntry(stream, 1, task=task), 0.0)
+    del task
+    gc.disable()
+    try:
+        engine.advance(1.0)
+        assert gone() is None
+    finally:
+        gc.enable()
