@@ -14,7 +14,7 @@ import trio
 
 from interposer.topology import Topology
 from vdevfs.fs import STATUS_NAME, DeviceFS
-from vdevfs.limits import BufferLimits
+from vdevfs.limits import BufferLimits, keep_pieces_in_the_heap
 
 log = structlog.get_logger()
 
@@ -68,6 +68,7 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 
 async def serve(topology: Topology, mountpoint: Path, config_source: str, limits: BufferLimits) -> None:
     prepare_mountpoint(mountpoint)
+    keep_pieces_in_the_heap()
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
     fs = DeviceFS(topology, info, limits)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}

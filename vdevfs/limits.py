@@ -92,4 +92,16 @@ def give_back_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def keep_pieces_in_the_heap() -> None:
+    """Serve FUSE's ~1 MiB write pieces from the heap, not one mmap each: glibc maps blocks above its mmap
+    threshold (128 KiB until it has freed one) afresh, so every piece of a big copy cost new pages and their
+    faults, and host-to-device copies ran at half speed. Above 4 MiB (device memory in numeric mode) blocks are
+    still mapped and go back at once; the heap's free pages go back when a session closes (above). The trim
+    threshold keeps glibc from giving back, between two pieces, the pages the next one will need."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 4 * MiB)
+        _LIBC.mallopt(M_TRIM_THRESHOLD, 256 * MiB)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _LIBC = ctypes.CDLL(None)
