@@ -247,47 +247,26 @@ def _bench(name: str, out: Path, quick: bool) -> None:
     click.echo(f"\nwrote {out}")
 
 
-QUICK = click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run, not for figures).")
+# name: (what it measures, what --quick does); each is tools/bench_<name>.py with run(quick) and render(results)
+BENCHES = {
+    "rt": "Runtime path: bare FUSE echo vs device-file round trip, batching, memcpy, direct mode, daemon RSS.",
+    "ops": "Operator launches: daemon vs direct mode, eager vs replay of a captured 300-op graph.",
+    "fidelity": "The emulated chip beside public measurements, and a prefill/decode co-location probe.",
+    "serve": "LLM serving: decode overhead through the daemon vs direct; deployments under load over HTTP.",
+    "chaos": "Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse.",
+}
 
 
-@bench.command("rt")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-rt.json", show_default=True)
-@QUICK
-def bench_rt(out: Path, quick: bool) -> None:
-    """Runtime path: bare FUSE echo vs device-file round trip, batching, memcpy, direct mode, daemon RSS."""
-    _bench("rt", out, quick)
+def _bench_command(name: str, what: str) -> None:
+    @bench.command(name, help=what)
+    @click.option("--out", type=click.Path(path_type=Path), default=f"bench-{name}.json", show_default=True)
+    @click.option("--quick", is_flag=True, help="A smoke run of a minute or two (fewer repetitions, not for figures).")
+    def command(out: Path, quick: bool) -> None:
+        _bench(name, out, quick)
 
 
-@bench.command("ops")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-ops.json", show_default=True)
-@QUICK
-def bench_ops(out: Path, quick: bool) -> None:
-    """Operator launches: daemon vs direct mode, eager vs replay of a captured 300-op graph."""
-    _bench("ops", out, quick)
-
-
-@bench.command("serve")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-serve.json", show_default=True)
-@QUICK
-def bench_serve(out: Path, quick: bool) -> None:
-    """LLM serving: decode overhead through the daemon vs direct; deployments under load over HTTP."""
-    _bench("serve", out, quick)
-
-
-@bench.command("fidelity")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-fidelity.json", show_default=True)
-@QUICK
-def bench_fidelity(out: Path, quick: bool) -> None:
-    """The emulated chip beside public measurements, and a prefill/decode co-location probe."""
-    _bench("fidelity", out, quick)
-
-
-@bench.command("chaos")
-@click.option("--out", type=click.Path(path_type=Path), default="bench-chaos.json", show_default=True)
-@click.option("--quick", is_flag=True, help="30 s with 4 clients instead of 150 s with 8 (a smoke run).")
-def bench_chaos(out: Path, quick: bool) -> None:
-    """Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse."""
-    _bench("chaos", out, quick)
+for _name, _what in BENCHES.items():
+    _bench_command(_name, _what)
 
 
 if __name__ == "__main__":
