@@ -30,6 +30,7 @@ class Kind(IntEnum):
     STREAM = 0xC2
     EVENT = 0xC3
     GRAPH = 0xC4
+    TASK_GROUP = 0xC5
 
 
 def is_device_address(ptr: int) -> bool:

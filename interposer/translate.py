@@ -85,6 +85,8 @@ class Translator:
         self.failure: AsyncFailure | None = None  # a failed async record that named no valid stream
         self.templates: dict[int, Kernel | FlexNPUError] = {}  # operator descriptions, by the client's id
         self.capturing: dict[Stream, Graph] = {}  # streams whose work is being captured into a graph
+        self.grouping: dict[Stream, int] = {}  # capturing streams inside a task group: where the group starts
+        self.updating: dict[Stream, TaskUpdate] = {}  # streams whose work replaces a task group's
         self.limits = CoreLimits(vdev.physical.npu.profile)
         self.default_stream = self._open_stream()
         self.log = log.bind(session=self.id, pid=pid, device=vdev.name)
@@ -224,17 +226,21 @@ class Translator:
             task = make_task()
         except FlexNPUError as exc:
             self.log.info("async_record_refused", seq=seq, code=int(exc.code), error=exc.message)
-            graph = self.capturing.get(stream)
-            if graph is not None:
-                graph.failure = graph.failure or AsyncFailure(seq, exc)
+            collector = self._collector(stream)
+            if collector is not None:
+                collector.failure = collector.failure or AsyncFailure(seq, exc)
             else:
                 self.runner.submit(FailEntry(stream, seq, error=exc))
             return
-        graph = self.capturing.get(stream)
-        if graph is not None:
-            graph.tasks.append(task)
+        collector = self._collector(stream)
+        if collector is not None:
+            collector.tasks.append(task)
         else:
             self.runner.submit(TaskEntry(stream, seq, task=task, limits=limits))
+
+    def _collector(self, stream: Stream) -> Graph | TaskUpdate | None:
+        """Where a stream's tasks go instead of the device: a graph being captured, or a task group's update."""
+        return self.capturing.get(stream) or self.updating.get(stream)
 
     def _not_capturing(self, stream: Stream, what: str) -> None:
         if stream in self.capturing:
@@ -582,6 +588,53 @@ class Translator:
         self.handles.remove(args.handle, Kind.GRAPH)
         return OK
 
+    # Task groups (aclmdlRICaptureTaskGrpBegin/End, aclmdlRICaptureTaskUpdateBegin/End): the operators of a
+    # capture that a later update replaces with the same operators on new parameters, as a decode step's
+    # attention takes each request's new length.
+
+    def _group_begin(self, seq, args, data):
+        stream = self._stream(args.stream)
+        graph = self.capturing.get(stream)
+        if graph is None or stream in self.grouping:
+            raise InvalidParam("ri_capture_task_grp_begin: the stream must be capturing, outside a task group")
+        self.grouping[stream] = len(graph.tasks)
+        return OK
+
+    def _group_end(self, seq, args, data):
+        stream = self._stream(args.stream)
+        start = self.grouping.pop(stream, None)
+        if start is None:
+            raise InvalidParam("ri_capture_task_grp_end: no task group began on this stream")
+        graph = self.capturing[stream]
+        group = TaskGroup(graph, start, len(graph.tasks) - start)
+        return ok(wire.COMMANDS[Op.GRAPH_GROUP_END], handle=self.handles.add(Kind.TASK_GROUP, group))
+
+    def _update_begin(self, seq, args, data):
+        stream = self._stream(args.stream)
+        group = self.handles.get(args.group, Kind.TASK_GROUP)
+        if stream in self.capturing or stream in self.updating:
+            raise InvalidParam("ri_capture_task_update_begin: the stream must be neither capturing nor updating")
+        self.updating[stream] = TaskUpdate(group)
+        return OK
+
+    def _update_end(self, seq, args, data):
+        stream = self._stream(args.stream)
+        update = self.updating.pop(stream, None)
+        if update is None:
+            raise InvalidParam("ri_capture_task_update_end: no task update began on this stream")
+        if update.failure is not None:
+            f = update.failure
+            raise type(f.error)(f"task update record seq {f.seq} failed: {f.error.message}", f.error.code)
+        group = update.group
+        old = group.graph.tasks[group.start : group.start + group.count]
+        if [t.name for t in update.tasks] != [t.name for t in old]:
+            raise InvalidParam(
+                f"ri_capture_task_update_end: the update issued {[t.name for t in update.tasks]}, the task group "
+                f"holds {[t.name for t in old]}; an update must issue the same operators in the same order"
+            )
+        group.graph.tasks[group.start : group.start + group.count] = update.tasks
+        return OK
+
     _HANDLERS: dict[Op, Callable] = {
         Op.HELLO: _hello,
         Op.VERSION: _version,
@@ -620,6 +673,10 @@ class Translator:
         Op.GRAPH_CAPTURE_END: _capture_end,
         Op.GRAPH_LAUNCH: _graph_launch,
         Op.GRAPH_DESTROY: _graph_destroy,
+        Op.GRAPH_GROUP_BEGIN: _group_begin,
+        Op.GRAPH_GROUP_END: _group_end,
+        Op.GRAPH_UPDATE_BEGIN: _update_begin,
+        Op.GRAPH_UPDATE_END: _update_end,
         Op.IPC_EXPORT: _ipc_export,
         Op.IPC_ALLOW: _ipc_allow,
         Op.IPC_IMPORT: _ipc_import,
@@ -651,6 +708,24 @@ class VersionOnly:
 class Graph:
     """Work captured from a stream, replayed by one record: the same tasks, so the same numerics and cost."""
 
+    tasks: list[Task] = field(default_factory=list)
+    failure: AsyncFailure | None = None
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """Tasks [start, start + count) of a captured graph, replaceable by a task update."""
+
+    graph: Graph
+    start: int
+    count: int
+
+
+@dataclass(eq=False)
+class TaskUpdate:
+    """The tasks a stream issues between ri_capture_task_update_begin and _end, to replace `group`'s."""
+
+    group: TaskGroup
     tasks: list[Task] = field(default_factory=list)
     failure: AsyncFailure | None = None
 

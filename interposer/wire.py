@@ -50,7 +50,7 @@ from construct import (
 
 from npu.errors import InvalidParam, ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: core limits (STREAM_LIMIT_*, DEVICE_LIMIT_*, OpLaunch.limits), IPC memory
+PROTOCOL_VERSION = 2  # 2: core limits (STREAM_LIMIT_*, DEVICE_LIMIT_*, OpLaunch.limits), IPC memory, task groups
 MAGIC = b"FNPU"
 MAX_FRAME = 256 << 20  # the client splits bigger copies into several records
 
@@ -176,6 +176,10 @@ class Op(IntEnum):
     GRAPH_CAPTURE_END = 71
     GRAPH_LAUNCH = 72
     GRAPH_DESTROY = 73
+    GRAPH_GROUP_BEGIN = 74
+    GRAPH_GROUP_END = 75
+    GRAPH_UPDATE_BEGIN = 76
+    GRAPH_UPDATE_END = 77
     IPC_EXPORT = 80
     IPC_ALLOW = 81
     IPC_IMPORT = 82
@@ -231,6 +235,7 @@ _StreamCopy = layout("StreamCopy", "stream" / Int64ul, "dst" / Int64ul, "src" / 
 _StreamFill = layout("StreamFill", "stream" / Int64ul, "ptr" / Int64ul, "value" / Int32ul, "count" / Int64ul)
 _EventStream = layout("EventStream", "event" / Int64ul, "stream" / Int64ul)
 _Limit = layout("Limit", "value" / Int32ul)
+_Stream = layout("Stream", "stream" / Int64ul)
 _Pointer = layout("Pointer", "ptr" / Int64ul)
 _IpcKey = layout("IpcKey", "key" / Bytes(64))
 OWN_LIMITS = (1 << 64) - 1  # OpLaunch.limits: the launch's own stream's (0 names the default stream)
@@ -297,6 +302,11 @@ COMMANDS: dict[Op, Command] = {
         _c(Op.GRAPH_CAPTURE_END, layout("CaptureEnd", "stream" / Int64ul), Handle),
         _c(Op.GRAPH_LAUNCH, layout("GraphLaunch", "graph" / Int64ul, "stream" / Int64ul), sync=False),
         _c(Op.GRAPH_DESTROY, Handle),
+        # Task groups of a capture, whose tasks a later update replaces (aclmdlRICaptureTaskGrp*/TaskUpdate*).
+        _c(Op.GRAPH_GROUP_BEGIN, _Stream),
+        _c(Op.GRAPH_GROUP_END, _Stream, Handle),
+        _c(Op.GRAPH_UPDATE_BEGIN, layout("UpdateBegin", "stream" / Int64ul, "group" / Int64ul)),
+        _c(Op.GRAPH_UPDATE_END, _Stream),
         # IPC memory: part of an allocation exported under a key, imported by processes on the allow-list
         # (bulk of IPC_ALLOW: little-endian i32 pids).
         _c(Op.IPC_EXPORT, layout("IpcExport", "ptr" / Int64ul, "size" / Int64ul, "flags" / Int64ul), _IpcKey),

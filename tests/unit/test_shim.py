@@ -334,3 +334,43 @@ def test_ipc_memory_round_trip_through_the_shim(acl):
     assert acl.rt.free(ptr) == ACL_SUCCESS
     key, ret = acl.rt.ipc_mem_import_by_key("short", 0)
     assert (key, ret) == (0, ACL_ERROR_INVALID_PARAM) and "64-character" in acl.get_recent_err_msg()
+
+
+# -- task groups of a captured graph ---------------------------------------------------------------------
+
+
+def test_a_task_update_replaces_a_captured_group(acl, stream):
+    # CANN aclmdlRICaptureTaskGrpBegin/End (aclcppdevg_03_1823): tasks between them form a group;
+    # aclmdlRICaptureTaskUpdateBegin/End (aclcppdevg_03_1825): on a stream not capturing, the same number and
+    # kinds of tasks issued between them replace the group's in the captured model.
+    a, b = np.arange(6, dtype=np.float32), np.full(6, 0.5, dtype=np.float32)
+    (da, ba, _), (db, bb, _) = _tensor(acl, ACL_FLOAT, a), _tensor(acl, ACL_FLOAT, b)
+    dout, bout, pout = _tensor(acl, ACL_FLOAT, np.zeros(6, dtype=np.float32))
+
+    def add(x, y):
+        assert acl.op.execute_v2("Add", [da, db], [x, y], [dout], [bout], 0, stream) == ACL_SUCCESS
+
+    assert acl.mdl.ri_capture_begin(stream, 0) == ACL_SUCCESS
+    assert acl.mdl.ri_capture_task_grp_begin(stream) == ACL_SUCCESS
+    add(ba, bb)
+    group = ok(acl.mdl.ri_capture_task_grp_end(stream))
+    graph = ok(acl.mdl.ri_capture_end(stream))
+
+    def replay() -> list[float]:
+        assert acl.mdl.ri_execute_async(graph, stream) == ACL_SUCCESS
+        assert acl.rt.synchronize_stream(stream) == ACL_SUCCESS
+        return np.frombuffer(read(acl, pout, 24), np.float32).tolist()
+
+    assert replay() == (a + b).tolist()
+    assert acl.mdl.ri_capture_task_update_begin(stream, group) == ACL_SUCCESS
+    add(ba, ba)  # the same operator on other operands: nothing runs now
+    assert acl.mdl.ri_capture_task_update_end(stream) == ACL_SUCCESS
+    assert replay() == (a + a).tolist()
+
+    assert acl.mdl.ri_capture_task_update_begin(stream, group) == ACL_SUCCESS
+    add(ba, bb)
+    add(ba, bb)  # two tasks for a group of one
+    assert acl.mdl.ri_capture_task_update_end(stream) == ACL_ERROR_INVALID_PARAM
+    assert "same operators" in acl.get_recent_err_msg()
+    assert replay() == (a + a).tolist()  # a refused update changes nothing
+    assert acl.mdl.ri_destroy(graph) == ACL_SUCCESS

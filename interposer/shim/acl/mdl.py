@@ -33,3 +33,29 @@ def ri_execute_async(model_ri: int, stream: int) -> None:
 @code
 def ri_destroy(model_ri: int) -> None:
     RUNTIME.destroy(Op.GRAPH_DESTROY, model_ri)
+
+
+# Task groups: operators of a capture that a later update replaces (aclmdlRICaptureTaskGrpBegin/End,
+# aclmdlRICaptureTaskUpdateBegin/End: the same operators in the same order, on new parameters).
+
+
+@code
+def ri_capture_task_grp_begin(stream: int) -> None:
+    RUNTIME.call(Op.GRAPH_GROUP_BEGIN, stream, stream=stream)
+
+
+@value(0)
+def ri_capture_task_grp_end(stream: int) -> int:
+    reply = COMMANDS[Op.GRAPH_GROUP_END].reply.parse(RUNTIME.call(Op.GRAPH_GROUP_END, stream, stream=stream))
+    RUNTIME.adopt(reply.handle, stream)
+    return reply.handle
+
+
+@code
+def ri_capture_task_update_begin(stream: int, handle: int) -> None:
+    RUNTIME.call(Op.GRAPH_UPDATE_BEGIN, stream, stream=stream, group=handle)
+
+
+@code
+def ri_capture_task_update_end(stream: int) -> None:
+    RUNTIME.call(Op.GRAPH_UPDATE_END, stream, stream=stream)
