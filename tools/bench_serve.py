@@ -24,7 +24,7 @@ from tools.tables import plain
 
 def _generate(env: dict, command: str, **options) -> dict:
     """A step program of its own (workloads/generate.py COMMAND), interposed as `env` says; its JSON line."""
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    args = [f"--{k.replace('_', '-')}" + ("" if v is None else f"={v}") for k, v in options.items()]
     done = subprocess.run(
         [sys.executable, "-m", "workloads.generate", command, *args],
         env=env,
@@ -38,7 +38,8 @@ def _generate(env: dict, command: str, **options) -> dict:
 
 
 def _decode(env: dict, batch: int, context: int, steps: int) -> dict:
-    return _generate(env, "decode", batch=batch, context=context, steps=steps)
+    """Decode steps as the serving engines run them: each a replay of the batch's captured graph."""
+    return _generate(env, "decode", batch=batch, context=context, steps=steps, graph=None)
 
 
 def _summary(runs: list[dict], batch: int, time_scale: float) -> dict:

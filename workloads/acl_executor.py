@@ -7,8 +7,12 @@ runs a step by writing its inputs (token ids, positions, slots, block tables) in
 each call of the description with aclopExecuteV2 on one stream, and reading back the sampled tokens.
 Activation buffers are sized by the largest step seen so far.
 
-Decode steps are not captured as graphs (aclmdlRICapture*): IncreFlashAttention takes each request's context
-length as the attr actual_seq_lengths, which a capture would freeze, so a replay could not serve the next step.
+Decode steps can run as captured graphs, one per batch-size bucket, as vllm-ascend's graph mode does: the step's
+inputs live in fixed device buffers rewritten before each replay, a batch is padded up to its bucket (padding rows
+write their KV into a scratch block), and each layer's IncreFlashAttention — whose attr actual_seq_lengths changes
+every step — sits in a task group that is updated with the step's lengths before the replay
+(aclmdlRICaptureTaskGrp*, aclmdlRICaptureTaskUpdate*). A replay is one record for the whole step instead of a
+launch per operator.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from workloads.model import (
 )
 
 ACL_FORMAT_ND = 2
+ATTENTION = "IncreFlashAttention"  # the one decode operator whose attrs change from step to step
 MEMCPY_HOST_TO_DEVICE, MEMCPY_DEVICE_TO_HOST = 1, 2
 MALLOC_HUGE_FIRST = 0
 
@@ -121,10 +126,17 @@ class AclModel:
         weights: dict[str, np.ndarray] | None,
         device_id=0,
         kv: dict[str, int] | None = None,
+        buckets: tuple[int, ...] = (),
+        max_context: int = 0,
     ):
         """`kv`: device addresses of KV pools this model uses but does not own (IPC memory another process
-        exported: a co-located prefill instance's cache), by pool name; the others are allocated here."""
+        exported: a co-located prefill instance's cache), by pool name; the others are allocated here.
+        `buckets`: decode batch sizes to run as captured graphs (the cache's last block is then scratch, for the
+        padding rows; give it one block more than the batcher uses), for contexts up to `max_context` tokens."""
         self.config, self.cache, self.device_id = config, cache, device_id
+        self.buckets = tuple(sorted(buckets))
+        self.max_blocks = -(-(max_context or config.max_position_embeddings) // cache.block_size)
+        self.graphs: dict[int, tuple[int, list[int]]] = {}  # bucket -> (captured graph, attention task groups)
         check(acl.rt.set_device(device_id), f"set_device({device_id})")
         self.stream = checked(acl.rt.create_stream(), "create_stream")
         self.events = [checked(acl.rt.create_event(), "create_event") for _ in range(2)]
@@ -147,14 +159,22 @@ class AclModel:
 
     def decode(self, tokens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> list[int]:
         """One token per running request; context_lens count it too. Returns each request's next token."""
-        step = Decode(tuple(context_lens), max(len(t) for t in block_tables))
-        return self._step(step, [[t] for t in tokens], block_tables)
+        bucket = next((b for b in self.buckets if b >= len(tokens)), None)
+        if bucket is None:
+            step = Decode(tuple(context_lens), max(len(t) for t in block_tables))
+            return self._step(step, [[t] for t in tokens], block_tables)
+        pad = bucket - len(tokens)
+        scratch = [self.cache.num_blocks - 1]
+        step = Decode((*context_lens, *[1] * pad), self.max_blocks)
+        tables = [*block_tables, *[scratch] * pad]
+        return self._step(step, [[t] for t in [*tokens, *[0] * pad]], tables, graph=bucket)[: len(tokens)]
 
     def kv_pools(self) -> dict[str, tuple[int, int]]:
         """The KV pools, by name: (device address, bytes)."""
         return {name: self.buffers[name] for name in kv_cache_specs(self.config, self.cache)}
 
     def close(self) -> None:
+        self._drop_graphs()
         for name, (ptr, _) in self.buffers.items():
             if name not in self.borrowed:
                 check(acl.rt.free(ptr), "free")
@@ -166,7 +186,8 @@ class AclModel:
 
     # -- a step ---------------------------------------------------------------------------------------------
 
-    def _step(self, step: Prefill | Decode, tokens: list[list[int]], block_tables: list[list[int]]) -> list[int]:
+    def _step(self, step: Prefill | Decode, tokens, block_tables, graph: int | None = None) -> list[int]:
+        """Run a step eagerly, or (`graph`: its bucket) as the bucket's captured graph."""
         began = time.perf_counter()
         calls = forward(self.config, self.cache, step)
         for name, size in buffer_sizes(calls).items():
@@ -174,10 +195,15 @@ class AclModel:
         for name, array in step_inputs(step, tokens, block_tables, self.cache.block_size).items():
             self._write(name, array)
         handles = _StepHandles()
+        if graph is not None:
+            self._update(graph, calls, handles)
         start, end = self.events
         check(acl.rt.record_event(start, self.stream), "record_event")
-        for call in calls:
-            self._launch(call, handles)
+        if graph is None:
+            for call in calls:
+                self._launch(call, handles)
+        else:
+            check(acl.mdl.ri_execute_async(self.graphs[graph][0], self.stream), "ri_execute_async")
         check(acl.rt.record_event(end, self.stream), "record_event")
         self.issue_ms = (time.perf_counter() - began) * 1e3
         check(acl.rt.synchronize_stream(self.stream), "synchronize_stream")
@@ -186,6 +212,30 @@ class AclModel:
         tokens = self._read(NEXT_TOKENS, np.dtype(np.int32), step.batch).tolist()
         self.host_ms = (time.perf_counter() - began) * 1e3
         return tokens
+
+    def _update(self, bucket: int, calls: list[OpCall], handles: _StepHandles) -> None:
+        """The bucket's graph, captured on first use; its attention task groups given this step's lengths."""
+        attention = [call for call in calls if call.op == ATTENTION]
+        if bucket not in self.graphs:
+            stream, groups = self.stream, []
+            check(acl.mdl.ri_capture_begin(stream, 0), "ri_capture_begin")
+            for call in calls:
+                if call.op == ATTENTION:
+                    check(acl.mdl.ri_capture_task_grp_begin(stream), "ri_capture_task_grp_begin")
+                self._launch(call, handles)
+                if call.op == ATTENTION:
+                    groups.append(checked(acl.mdl.ri_capture_task_grp_end(stream), "ri_capture_task_grp_end"))
+            self.graphs[bucket] = (checked(acl.mdl.ri_capture_end(stream), "ri_capture_end"), groups)
+            return
+        for call, group in zip(attention, self.graphs[bucket][1], strict=True):
+            check(acl.mdl.ri_capture_task_update_begin(self.stream, group), "ri_capture_task_update_begin")
+            self._launch(call, handles)
+            check(acl.mdl.ri_capture_task_update_end(self.stream), "ri_capture_task_update_end")
+
+    def _drop_graphs(self) -> None:
+        for graph, _ in self.graphs.values():
+            check(acl.mdl.ri_destroy(graph), "ri_destroy")
+        self.graphs.clear()
 
     def _launch(self, call: OpCall, handles: _StepHandles) -> None:
         def operands(tensors: tuple[Tensor, ...]) -> tuple[list[int], list[int]]:
@@ -207,6 +257,7 @@ class AclModel:
             return
         if held is not None:
             check(acl.rt.free(held[0]), "free")
+            self._drop_graphs()  # they name the old address: captured again at their next step
         self.buffers[name] = (checked(acl.rt.malloc(size, MALLOC_HUGE_FIRST), f"malloc {name} ({size} bytes)"), size)
 
     def _write(self, name: str, array: np.ndarray) -> None:

@@ -332,7 +332,7 @@ def _names(kind: str) -> list[str]:
 
 async def _load(kind: str, spec: ServeSpec, workers: list[WorkerProcess]) -> Deployment:
     load = {"model": spec.model, "num_blocks": spec.num_blocks, "block_size": spec.block_size, "seed": spec.seed}
-    load["weights"] = not spec.timing
+    load |= {"weights": not spec.timing, "max_num_seqs": spec.max_num_seqs, "max_model_len": spec.max_model_len}
     role = {"direct": Role.COLOCATED}.get(kind, Role.PREFILL)
     entry_config = _batching(spec, role)
     if kind == "direct":

@@ -84,7 +84,8 @@ def tokens(model, hf_config, checkpoint, seed, prompts, steps, device) -> None:
 @click.option("--steps", type=int, default=3, show_default=True)
 @click.option("--block-size", type=int, default=128, show_default=True)
 @click.option("--device", type=int, default=0, show_default=True)
-def decode(model, hf_config, batch, context, steps, block_size, device) -> None:
+@click.option("--graph/--eager", default=False, show_default=True, help="replay a captured graph per step")
+def decode(model, hf_config, batch, context, steps, block_size, device, graph) -> None:
     """Decode steps of a batch, weights allocated but not written (for an NPU in timing mode): host and device
     milliseconds per step."""
     import acl
@@ -93,17 +94,18 @@ def decode(model, hf_config, batch, context, steps, block_size, device) -> None:
     config = _config(model, hf_config)
     tables = block_tables([context + steps] * batch, block_size)
     check(acl.init(), "init")
-    runner = AclModel(config, CacheConfig(sum(map(len, tables)), block_size), None, device)
-    host, dev = [], []
+    cache = CacheConfig(sum(map(len, tables)) + 1, block_size)  # + a scratch block for graphs' padding
+    runner = AclModel(config, cache, None, device, buckets=(batch,) if graph else (), max_context=context + steps)
+    host, dev, issue = [], [], []
     for i in range(steps):
         runner.decode([0] * batch, [context + i] * batch, tables)
         host.append(runner.host_ms)
         dev.append(runner.device_ms)
+        issue.append(runner.issue_ms)
     runner.close()
     check(acl.finalize(), "finalize")
-    click.echo(
-        json.dumps({"model": config.name, "batch": batch, "context": context, "host_ms": host, "device_ms": dev})
-    )
+    result = {"model": config.name, "batch": batch, "context": context, "graph": graph}
+    click.echo(json.dumps(result | {"host_ms": host, "device_ms": dev, "issue_ms": issue}))
 
 
 @main.command()

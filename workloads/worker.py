@@ -4,7 +4,8 @@ NPU, through pyACL alone — started with the shim on its path, as `vdevctl run`
 Protocol: JSON lines, one request on stdin, one answer on stdout, in order:
   {"op": "pid"}                                         -> {"pid": P}   (aclrtDeviceGetBareTgid: the pid IPC
                                                                           allow-lists hold)
-  {"op": "init", "model", "num_blocks", "block_size", "seed", "weights": bool, "kv": {pool: key} | null}
+  {"op": "init", "model", "num_blocks", "block_size", "seed", "weights": bool, "kv": {pool: key} | null,
+   "max_num_seqs", "max_model_len"}
                                                         -> {"kv_bytes": N}  (kv: import these pools, IPC memory)
   {"op": "export", "pids": [P, ...]}                    -> {"keys": {pool: key}}
   {"op": "attach_peer", "keys": {pool: key}}            -> {}   (disaggregated: import the prefill worker's pools,
@@ -24,6 +25,7 @@ import sys
 
 import acl
 from workloads.acl_executor import AclModel, check, checked
+from workloads.batching import power_of_two_buckets
 from workloads.model import CacheConfig, kv_cache_specs, model_config
 from workloads.weights import device_weights, random_checkpoint
 
@@ -44,13 +46,26 @@ class Worker:
     def pid(self) -> dict:
         return {"pid": checked(acl.rt.device_get_bare_tgid(), "device_get_bare_tgid")}
 
-    def init(self, model: str, num_blocks: int, block_size: int, seed: int, weights: bool, kv: dict | None) -> dict:
-        """Load the model. `kv`: the KV pools to use, exported by a co-located process (no copy)."""
+    def init(
+        self,
+        model: str,
+        num_blocks: int,
+        block_size: int,
+        seed: int,
+        weights: bool,
+        kv: dict | None,
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> dict:
+        """Load the model. `kv`: the KV pools to use, exported by a co-located process (no copy). Decode steps
+        run as captured graphs per batch-size bucket; their padding rows write into one scratch block past the
+        coordinator's `num_blocks`."""
         config = model_config(model)
-        cache = CacheConfig(num_blocks, block_size)
+        cache = CacheConfig(num_blocks + 1, block_size)
         host = device_weights(config, random_checkpoint(config, seed)) if weights else None
         pools = {name: self._import(key, 0) for name, key in (kv or {}).items()}
-        self.model = AclModel(config, cache, host, kv=pools)
+        buckets = power_of_two_buckets(max_num_seqs)
+        self.model = AclModel(config, cache, host, kv=pools, buckets=buckets, max_context=max_model_len)
         return {"kv_bytes": sum(size for _, size in self.model.kv_pools().values())}
 
     def export(self, pids: list[int]) -> dict:

@@ -226,12 +226,12 @@ def acl(direct_acl):
     assert direct_acl.finalize() == 0
 
 
-def tiny_model(acl, seed: int = 0):
+def tiny_model(acl, seed: int = 0, buckets: tuple[int, ...] = ()):
     from workloads.acl_executor import AclModel
 
     tables = block_tables([len(p) + STEPS for p in PROMPTS], 4)
-    cache = CacheConfig(num_blocks=sum(map(len, tables)) + 2, block_size=4)
-    return AclModel(TINY, cache, device_weights(TINY, random_checkpoint(TINY, seed)))
+    cache = CacheConfig(num_blocks=sum(map(len, tables)) + 2, block_size=4)  # the last one: graphs' scratch
+    return AclModel(TINY, cache, device_weights(TINY, random_checkpoint(TINY, seed)), buckets=buckets)
 
 
 def test_tiny_model_through_pyacl_gives_the_reference_tokens(acl, expected):
@@ -239,6 +239,18 @@ def test_tiny_model_through_pyacl_gives_the_reference_tokens(acl, expected):
     model = tiny_model(acl)
     try:
         assert generate(model, PROMPTS, STEPS) == expected
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("buckets", [(2,), (4,)], ids=["bucket-fits", "bucket-padded"])
+def test_decode_as_captured_graphs_gives_the_reference_tokens(acl, expected, buckets):
+    """Each decode step replays the bucket's graph, its attention updated with the step's lengths; a batch
+    smaller than its bucket is padded (the padding writes into the scratch block)."""
+    model = tiny_model(acl, buckets=buckets)
+    try:
+        assert generate(model, PROMPTS, STEPS) == expected
+        assert set(model.graphs) == set(buckets)  # captured once, replayed every step
     finally:
         model.close()
 
