@@ -615,25 +615,28 @@ class Translator:
         if stream in self.capturing or stream in self.updating:
             raise InvalidParam("ri_capture_task_update_begin: the stream must be neither capturing nor updating")
         self.updating[stream] = TaskUpdate(group)
-        return OK
 
     def _update_end(self, seq, args, data):
+        """Replace the group's tasks; a refusal fails the stream (its next synchronisation reports it)."""
         stream = self._stream(args.stream)
         update = self.updating.pop(stream, None)
-        if update is None:
-            raise InvalidParam("ri_capture_task_update_end: no task update began on this stream")
-        if update.failure is not None:
-            f = update.failure
-            raise type(f.error)(f"task update record seq {f.seq} failed: {f.error.message}", f.error.code)
-        group = update.group
-        old = group.graph.tasks[group.start : group.start + group.count]
-        if [t.name for t in update.tasks] != [t.name for t in old]:
-            raise InvalidParam(
-                f"ri_capture_task_update_end: the update issued {[t.name for t in update.tasks]}, the task group "
-                f"holds {[t.name for t in old]}; an update must issue the same operators in the same order"
-            )
+        try:
+            if update is None:
+                raise InvalidParam("ri_capture_task_update_end: no task update began on this stream")
+            if update.failure is not None:
+                f = update.failure
+                raise type(f.error)(f"task update record seq {f.seq} failed: {f.error.message}", f.error.code)
+            group = update.group
+            old = group.graph.tasks[group.start : group.start + group.count]
+            if [t.name for t in update.tasks] != [t.name for t in old]:
+                raise InvalidParam(
+                    f"ri_capture_task_update_end: the update issued {[t.name for t in update.tasks]}, the task "
+                    f"group holds {[t.name for t in old]}; an update must issue the same operators in the same order"
+                )
+        except FlexNPUError as exc:
+            self.runner.submit(FailEntry(stream, seq, error=exc))
+            return
         group.graph.tasks[group.start : group.start + group.count] = update.tasks
-        return OK
 
     _HANDLERS: dict[Op, Callable] = {
         Op.HELLO: _hello,

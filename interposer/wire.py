@@ -305,8 +305,10 @@ COMMANDS: dict[Op, Command] = {
         # Task groups of a capture, whose tasks a later update replaces (aclmdlRICaptureTaskGrp*/TaskUpdate*).
         _c(Op.GRAPH_GROUP_BEGIN, _Stream),
         _c(Op.GRAPH_GROUP_END, _Stream, Handle),
-        _c(Op.GRAPH_UPDATE_BEGIN, layout("UpdateBegin", "stream" / Int64ul, "group" / Int64ul)),
-        _c(Op.GRAPH_UPDATE_END, _Stream),
+        # A task update travels with the stream's other asynchronous work: no round trip; a refused update is
+        # reported by the stream's next synchronisation, as a failed operator would be.
+        _c(Op.GRAPH_UPDATE_BEGIN, layout("UpdateBegin", "stream" / Int64ul, "group" / Int64ul), sync=False),
+        _c(Op.GRAPH_UPDATE_END, _Stream, sync=False),
         # IPC memory: part of an allocation exported under a key, imported by processes on the allow-list
         # (bulk of IPC_ALLOW: little-endian i32 pids).
         _c(Op.IPC_EXPORT, layout("IpcExport", "ptr" / Int64ul, "size" / Int64ul, "flags" / Int64ul), _IpcKey),

@@ -504,6 +504,8 @@ def test_sync_and_async_commands():
         Op.OP_TEMPLATE,
         Op.OP_LAUNCH,
         Op.GRAPH_LAUNCH,
+        Op.GRAPH_UPDATE_BEGIN,
+        Op.GRAPH_UPDATE_END,
     }
     assert COMMANDS[Op.HELLO].cmd == 0xC0084601  # _IOWR('F', 1, struct Hello)
 

@@ -51,11 +51,15 @@ def ri_capture_task_grp_end(stream: int) -> int:
     return reply.handle
 
 
+# An update travels with the stream's asynchronous work (no round trip per update, as a decode step updates
+# every layer's attention): a refused one is reported by the stream's next synchronisation.
+
+
 @code
 def ri_capture_task_update_begin(stream: int, handle: int) -> None:
-    RUNTIME.call(Op.GRAPH_UPDATE_BEGIN, stream, stream=stream, group=handle)
+    RUNTIME.submit(Op.GRAPH_UPDATE_BEGIN, stream, stream=stream, group=handle)
 
 
 @code
 def ri_capture_task_update_end(stream: int) -> None:
-    RUNTIME.call(Op.GRAPH_UPDATE_END, stream, stream=stream)
+    RUNTIME.submit(Op.GRAPH_UPDATE_END, stream, stream=stream)
