@@ -81,6 +81,14 @@ def job(cost: Cost, cube: int = CORES, vector: int = VECTOR_CORES) -> Job:
     return Job(FakeTask(cost), cube, vector)
 
 
+def started(*jobs: Job) -> timing.BlockTiming:
+    """A 910B2 with `jobs` handed to it in this order."""
+    chip = timing.BlockTiming(B2)
+    for j in jobs:
+        chip.start(j, j.task.cost())
+    return chip
+
+
 def run_all(chip: timing.BlockTiming) -> list[float]:
     """Advance event by event; return the event times (to count them)."""
     events = []
@@ -92,10 +100,8 @@ def run_all(chip: timing.BlockTiming) -> list[float]:
 
 
 def test_a_24_block_kernel_holds_every_core_and_the_next_waits_for_them():
-    chip = timing.BlockTiming(B2)
     first, second = job(GEMM), job(GEMM)
-    chip.start(first, GEMM)
-    chip.start(second, GEMM)
+    chip = started(first, second)
     assert chip.free == [0, VECTOR_CORES]  # the first kernel's 24 blocks hold all 24 cube cores
     assert [c.run.job for c in chip.cohorts] == [first]  # the second has no core yet
 
@@ -106,10 +112,8 @@ def test_a_24_block_kernel_holds_every_core_and_the_next_waits_for_them():
 
 
 def test_with_stream_limits_two_kernels_run_side_by_side():
-    chip = timing.BlockTiming(B2)
     prefill, decode = job(GEMM, cube=18), job(GEMM, cube=6)
-    chip.start(prefill, GEMM)
-    chip.start(decode, GEMM)
+    chip = started(prefill, decode)
     assert chip.free[0] == 0 and len(chip.cohorts) == 2  # both on cores at once
     run_all(chip)
     # 24 tiles over 18 blocks: 2 tiles on the busiest block; over 6 blocks: 4 tiles.
@@ -119,11 +123,9 @@ def test_with_stream_limits_two_kernels_run_side_by_side():
 
 
 def test_a_kernel_started_on_fewer_cores_grows_as_others_free_theirs():
-    chip = timing.BlockTiming(B2)
     small = Cost(flops=12 * TILE_FLOPS, unit=Unit.CUBE, tiles=12)
     holder, grower = job(small), job(GEMM)
-    chip.start(holder, small)
-    chip.start(grower, GEMM)  # 12 of its 24 blocks start now, 12 when the holder finishes
+    chip = started(holder, grower)  # 12 of the grower's 24 blocks start now, 12 when the holder finishes
     assert chip.free[0] == 0
     events = run_all(chip)
     assert holder.finished_at == pytest.approx(GEMM_S)
@@ -132,44 +134,32 @@ def test_a_kernel_started_on_fewer_cores_grows_as_others_free_theirs():
 
 
 def test_vector_kernels_run_beside_a_cube_kernel():
-    chip = timing.BlockTiming(B2)
     norm = Cost(hbm_bytes=48 * 1e6, unit=Unit.VECTOR, tiles=48)
     gemm, vec = job(GEMM), job(norm)
-    chip.start(gemm, GEMM)
-    chip.start(vec, norm)
-    run_all(chip)
+    run_all(started(gemm, vec))
     assert vec.finished_at < gemm.finished_at == pytest.approx(GEMM_S)
 
 
 def test_a_later_kernel_does_not_overtake_one_waiting_for_the_same_cores():
-    chip = timing.BlockTiming(B2)
     small = Cost(flops=12 * TILE_FLOPS, unit=Unit.CUBE, tiles=12)
     a, b, c = job(GEMM), job(GEMM), job(small)
-    for j in (a, b, c):
-        chip.start(j, j.task.cost())
-    run_all(chip)
+    run_all(started(a, b, c))
     assert a.finished_at < b.finished_at < c.finished_at  # c would fit beside nobody: it waits its turn
 
 
 def test_memory_bound_kernels_share_the_chips_bandwidth():
     """Two copies each asking the chip's whole bandwidth get half each: both end at twice the time alone."""
     copy = Cost(hbm_bytes=1.6e9, unit=Unit.DMA)
-    chip = timing.BlockTiming(B2)
     a, b = job(copy), job(copy)
-    chip.start(a, copy)
-    chip.start(b, copy)
-    run_all(chip)
+    run_all(started(a, b))
     assert a.finished_at == b.finished_at == pytest.approx(OVERHEAD + 3.2e9 / HBM)
 
 
 def test_a_compute_bound_kernel_asks_only_the_bandwidth_it_can_use():
     """A GEMM streams 1 MB per 68 us block (15 GB/s per core); a copy beside it keeps the rest of HBM."""
     copy = Cost(hbm_bytes=1.6e9, unit=Unit.DMA)
-    chip = timing.BlockTiming(B2)
     g, c = job(GEMM), job(copy)
-    chip.start(g, GEMM)
-    chip.start(c, copy)
-    run_all(chip)
+    run_all(started(g, c))
     assert g.finished_at == pytest.approx(GEMM_S)
     gemm_rate = 24 * TILE_BYTES / (TILE_FLOPS / CORE_PEAK)  # what the GEMM's blocks stream while it runs
     beside = OVERHEAD + 1.6e9 / (HBM - gemm_rate)  # the copy's time at the bandwidth the GEMM leaves it
