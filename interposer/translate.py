@@ -28,8 +28,19 @@ from npu.emulated.ops import Kernel, KernelTask, TensorSpec, bind
 from npu.errors import AclError, FlexNPUError, InvalidParam, NotSupported, OutOfMemory
 from npu.memory import Region, rounded_size
 from npu.tasks import DeviceToDevice, DeviceToHost, Fill, HostToDevice, PeerCopy, Task
+from scheduler import phase
 from scheduler.runner import Runner
-from scheduler.stream import AsyncFailure, Event, FailEntry, Phase, RecordEntry, Stream, TaskEntry, WaitEntry
+from scheduler.stream import (
+    AsyncFailure,
+    Event,
+    FailEntry,
+    Phase,
+    PhaseSource,
+    RecordEntry,
+    Stream,
+    TaskEntry,
+    WaitEntry,
+)
 
 log = structlog.get_logger()
 
@@ -131,6 +142,7 @@ class Translator:
             "pid": self.pid,
             "phase": self._phase().value,
             "streams": len(streams),
+            "stream_phases": [{"phase": s.phase.value, "from": s.phase_from.value} for s in streams],
             "queued": sum(len(s.queue) for s in streams),
             "completed": sum(s.completed for s in streams),
             "events": len(self.handles.values(Kind.EVENT)),
@@ -170,8 +182,15 @@ class Translator:
     def _phase(self) -> Phase:
         return self.vdev.role if self.vdev.role is not Phase.UNKNOWN else self.phase
 
+    def _declare(self, stream: Stream) -> None:
+        if self.vdev.role is not Phase.UNKNOWN:
+            phase.declare(stream, self.vdev.role, PhaseSource.ROLE)
+        else:
+            phase.declare(stream, self.phase, PhaseSource.CLIENT)
+
     def _open_stream(self) -> Stream:
-        stream = Stream(phase=self._phase())
+        stream = Stream()
+        self._declare(stream)
         self.limits.apply(stream)
         self.runner.engine.add_stream(stream)
         return stream
@@ -282,7 +301,7 @@ class Translator:
             raise InvalidParam(f"HELLO phase {args.phase} is not 0 (unknown), 1 (prefill) or 2 (decode)")
         self.phase, self.greeted = phase, True
         self.pid = self.pid or args.pid
-        self.default_stream.phase = self._phase()
+        self._declare(self.default_stream)
         self.log = log.bind(session=self.id, pid=self.pid, device=self.vdev.name)
         self.log.info("session_opened", phase=self._phase().value)
         return ok(

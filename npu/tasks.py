@@ -44,6 +44,30 @@ class Cost:
     tiles: int = 1
     efficiency: float = 1.0
 
+    @property
+    def needs(self) -> tuple[int, int]:
+        """(cube, vector) cores one of its blocks holds."""
+        return NEEDS[self.unit]
+
+    def block_dim(self, cube_cores: int, vector_cores: int) -> int:
+        """How many blocks it launches with when it may use this many cores (0 for a copy: it holds no core):
+        at most its tiles, and persistent kernels launch at most one block per core they may use."""
+        unit = self.unit
+        if unit is Unit.DMA:
+            return 0
+        cap = (
+            cube_cores
+            if unit is Unit.CUBE
+            else vector_cores
+            if unit is Unit.VECTOR
+            else min(cube_cores, vector_cores // 2)
+        )
+        return max(1, min(self.tiles, cap))
+
+
+# Cores one block holds: (cube, vector).
+NEEDS = {Unit.CUBE: (1, 0), Unit.VECTOR: (0, 1), Unit.MIX: (1, 2), Unit.DMA: (0, 0)}
+
 
 class Task(Protocol):
     name: str

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import structlog
 
 from npu.executor import Executor, Job
+from scheduler import phase
 from scheduler.policy import Policy
 from scheduler.stream import (
     AsyncFailure,
@@ -37,6 +38,13 @@ class Engine:
         self.streams: dict[Stream, None] = {}  # insertion-ordered: dispatch order never depends on hashes
         self.running: list[TaskEntry] = []  # tasks handed to the chip, in start order
         self._arrivals = itertools.count()
+        # (phase, start, finish, cube cores, vector cores) of every finished kernel, when someone wants a timeline
+        self.trace: list[tuple] | None = None
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch policies at run time: queued work stays queued, in order; what runs finishes as it started."""
+        self.policy = policy
+        self._dispatch()
 
     # -- what the translator calls -------------------------------------------------------------------------
 
@@ -55,8 +63,15 @@ class Engine:
     def submit_all(self, entries: Iterable[Entry], now: float) -> None:
         """Queue entries at modeled time `now`, in order (a graph replay queues its tasks at once)."""
         self.advance(now)
+        entries = list(entries)
+        chip = self.npu.profile
+        for entry in entries:  # a graph replay's step is tagged by all of its tasks
+            if isinstance(entry, TaskEntry):
+                phase.observe(entry.stream, entry.task, chip)
         for entry in entries:
             entry.arrival = next(self._arrivals)
+            if isinstance(entry, TaskEntry):
+                entry.phase = entry.stream.phase
             entry.stream.queue.append(entry)
         self._dispatch()
 
@@ -86,8 +101,12 @@ class Engine:
     # -- internals ----------------------------------------------------------------------------------------
 
     def _finish(self, entry: TaskEntry) -> None:
-        entry.job.owner = None  # entry and job point at each other: unlinked, a copy's bytes go when the entry does
+        job = entry.job
+        job.owner = None  # entry and job point at each other: unlinked, a copy's bytes go when the entry does
         self.running.remove(entry)
+        if self.trace is not None and job.blocks:
+            cube, vector = job.task.cost().needs
+            self.trace.append((entry.phase, job.started_at, job.finished_at, cube * job.blocks, vector * job.blocks))
         stream = entry.stream
         stream.running = None
         if entry.job.failure is not None:
@@ -102,6 +121,8 @@ class Engine:
         popped = stream.queue.popleft()
         assert popped is entry
         stream.completed += 1
+        if not stream.queue:
+            self.policy.drained(stream, self.t)
         if isinstance(entry, RecordEntry):
             assert entry.event is not None
             entry.event.completed = max(entry.event.completed, entry.generation)
@@ -137,7 +158,7 @@ class Engine:
 
     def _start(self, ready: list[TaskEntry]) -> bool:
         profile = self.npu.profile
-        chosen = self.policy.select(ready, self.running, profile)
+        chosen = self.policy.select(ready, self.running, profile, self.t)
         for d in chosen:
             entry, stream = d.entry, d.entry.stream
             assert entry.task is not None

@@ -22,6 +22,16 @@ class Phase(StrEnum):
     UNKNOWN = "unknown"
 
 
+class PhaseSource(StrEnum):
+    """Where a stream's phase came from, strongest first (scheduler/phase.py)."""
+
+    ROLE = "role"  # the virtual NPU's role in the config
+    CLIENT = "client"  # the client declared it (FLEXNPU_PHASE, in HELLO)
+    OPERATOR = "operator"  # inferred: the stream ran a prefill or decode attention operator
+    INTENSITY = "intensity"  # inferred: its kernels' FLOPs per HBM byte against the chip's ridge point
+    NONE = "none"
+
+
 @dataclass(frozen=True, slots=True)
 class AsyncFailure:
     """A failed asynchronous record, kept on its stream until a synchronisation reports it."""
@@ -40,6 +50,7 @@ class Event:
 @dataclass(eq=False)
 class Stream:
     phase: Phase = Phase.UNKNOWN
+    phase_from: PhaseSource = PhaseSource.NONE
     queue: deque[Entry] = field(default_factory=deque)
     running: TaskEntry | None = None
     failure: AsyncFailure | None = None  # sticky: later tasks on the stream are skipped until it is taken
@@ -48,6 +59,10 @@ class Stream:
     # whole chip. A ceiling for every policy.
     cube_limit: int | None = None
     vector_limit: int | None = None
+    # Kernel FLOPs and HBM bytes it queued, for phase inference by arithmetic intensity.
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    kernels: int = 0
 
     @property
     def idle(self) -> bool:
@@ -68,6 +83,7 @@ class Entry:
 @dataclass(eq=False, slots=True)
 class TaskEntry(Entry):
     task: Task | None = None
+    phase: Phase = Phase.UNKNOWN  # its stream's phase when it was queued: what policies plan with
     limits: Stream | None = None  # the stream whose core limits apply, if not its own (a thread's res stream)
     job: Job | None = None  # once handed to the chip: its core limits, start and finish times
 

@@ -31,7 +31,7 @@ from npu.memory import Buffer, Region
 from npu.profiles import ChipProfile, profile
 from npu.tasks import Cost, DeviceToDevice
 from scheduler.engine import Engine
-from scheduler.policy import make_policy
+from scheduler.policies import make_policy
 from scheduler.stream import Event, RecordEntry, Stream, TaskEntry
 from tools.tables import plain
 

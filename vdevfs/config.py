@@ -40,7 +40,7 @@ from npu.executor import Executor
 from npu.profiles import PROFILES, profile
 from scheduler.clock import make_clock
 from scheduler.engine import Engine
-from scheduler.policy import POLICIES, make_policy
+from scheduler.policies import POLICIES, make_policy
 from scheduler.runner import Runner, SyncRunner, TrioRunner
 from scheduler.stream import Phase
 

@@ -33,9 +33,6 @@ from npu.tasks import Cost, Unit
 
 _EPS = 1e-12
 
-# Cores one block holds: (cube, vector).
-NEEDS = {Unit.CUBE: (1, 0), Unit.VECTOR: (0, 1), Unit.MIX: (1, 2), Unit.DMA: (0, 0)}
-
 
 def _path(profile: ChipProfile, unit: Unit) -> float:
     """Bytes/s one block can move: a cube or mix block has its AI core's whole memory path, a vector block its
@@ -45,21 +42,11 @@ def _path(profile: ChipProfile, unit: Unit) -> float:
     return profile.hbm_bandwidth if unit is Unit.DMA else profile.core_bandwidth
 
 
-def block_dim(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> int:
-    """How many blocks a kernel launches with (0 for a copy: it holds no core)."""
-    unit = cost.unit
-    if unit is Unit.DMA:
-        return 0
-    cube, vector = min(profile.ai_cores, cube_limit), min(profile.vector_cores, vector_limit)
-    cap = cube if unit is Unit.CUBE else vector if unit is Unit.VECTOR else min(cube, vector // 2)
-    return max(1, min(cost.tiles, cap))
-
-
 @functools.lru_cache(maxsize=4096)
 def _block(profile: ChipProfile, cost: Cost, cube_limit: int, vector_limit: int) -> tuple:
     """(blocks, compute seconds, HBM bytes, (host-link bytes, interconnect bytes)) of the busiest block; launches
     repeat the same few."""
-    blocks = block_dim(profile, cost, cube_limit, vector_limit)
+    blocks = cost.block_dim(min(profile.ai_cores, cube_limit), min(profile.vector_cores, vector_limit))
     share = -(-cost.tiles // blocks) / cost.tiles if blocks else 1.0
     compute = cost.flops * share / (profile.core_flops * cost.efficiency) if cost.flops else 0.0
     return blocks, compute, cost.hbm_bytes * share, (cost.link_bytes * share, cost.peer_bytes * share)
@@ -106,7 +93,7 @@ class BlockTiming:
     def start(self, job: Job, cost: Cost) -> None:
         blocks, compute, hbm, links = _block(self.profile, cost, job.cube_limit, job.vector_limit)
         job.blocks, job.started_at = blocks, self.t
-        run = _Run(job, NEEDS[cost.unit], max(blocks, 1), 0, compute, hbm, links, _path(self.profile, cost.unit))
+        run = _Run(job, cost.needs, max(blocks, 1), 0, compute, hbm, links, _path(self.profile, cost.unit))
         self.waiting.append(run)
         self._place()
 

@@ -23,7 +23,7 @@ from npu.memory import ALIGN, DeviceMemory, Region, rounded_size
 from npu.tasks import Cost, DeviceToDevice, DeviceToHost, Fill, HostToDevice
 from scheduler.clock import VirtualClock
 from scheduler.engine import Engine
-from scheduler.policy import make_policy
+from scheduler.policies import make_policy
 from scheduler.runner import Stalled, SyncRunner
 from scheduler.stream import Event, FailEntry, RecordEntry, Stream, TaskEntry, WaitEntry
 

@@ -13,7 +13,7 @@ from npu.profiles import profile
 from npu.tasks import Fill
 from scheduler.clock import VirtualClock
 from scheduler.engine import Engine
-from scheduler.policy import make_policy
+from scheduler.policies import make_policy
 from scheduler.runner import Stalled, TrioRunner
 from scheduler.stream import Event, RecordEntry, Stream, TaskEntry, WaitEntry
 

@@ -12,7 +12,7 @@ from npu.executor import Job
 from npu.profiles import profile
 from npu.tasks import Cost, Unit
 from scheduler.engine import Engine
-from scheduler.policy import make_policy
+from scheduler.policies import make_policy
 from scheduler.stream import Event as StreamEvent
 from scheduler.stream import RecordEntry, Stream, TaskEntry
 

@@ -1,0 +1,118 @@
+"""`flex`: dynamic prefill/decode co-location on one chip.
+
+Decode is memory-bound and latency-bound (a token per step, every running request waits for the step);
+prefill is compute-bound and throughput-bound (its queue is TTFT). On an Ascend chip a kernel's block holds
+an AI core until done, so a decode kernel queued behind a long prefill kernel waits for all of it (fifo), and
+a fixed split (static) leaves one phase's cores idle while the other queues. Flex plans per dispatch:
+
+1. Decode first, without waiting. While decode is active (a decode-phase stream has work queued or running,
+   or had within `linger_ms`), `reserve` AI cores (and their vector cores) are kept from prefill: a prefill
+   kernel launches with a core limit of the rest, so the reserve is free whenever a decode kernel arrives and
+   it starts at once. Decode kernels take every free core they can use (their tiles) when no prefill work
+   is waiting, and their reserve when some is.
+2. Prefill gets the rest — all of the chip when decode is not active — and launches only when all of its
+   blocks fit on free cores, so it never sits on the chip holding back the next decode kernel (the lesson of
+   Orion's pairing of compute- and memory-bound kernels: co-run them, but never queue the latency-critical one
+   behind the other's blocks).
+3. The reserve adapts to a TPOT target, per decode step (a decode stream's busy period; host gaps shorter
+   than `gap_ms` do not end one). A step slower than the target grows the reserve in proportion (a
+   memory-bound step's time goes as 1 / its cores); a step under `SHRINK_BELOW` of the target, taken while
+   prefill was running beside it, gives one core back. So decode holds the fewest cores that keep it within
+   its target and prefill — TTFT — gets everything else. Where Sarathi-Serve bounds decode stalls by capping
+   prefill chunks in time, flex bounds them in space (cores); where DistServe and Splitwise size the phases
+   per instance for hours, flex re-sizes them per step on one chip.
+
+The target is on the device time of a step (what the chip controls): set it to the TPOT objective less the
+serving engine's host time per step.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+from scheduler.policy import Cores, Dispatch, Quiet
+from scheduler.static import PREFILL_SIDE
+from scheduler.stream import Phase, Stream
+
+MIN_DECODE = 1  # AI cores decode always keeps while active
+MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
+SHRINK_BELOW = 0.85  # give a core back only with this much room under the target
+
+
+class Flex(Quiet):
+    name = "flex"
+
+    def __init__(self, tpot_target_ms: float = 50.0, linger_ms: float = 10.0, gap_ms: float = 0.5) -> None:
+        if tpot_target_ms <= 0:
+            raise ValueError(f"flex policy: tpot_target_ms must be > 0, got {tpot_target_ms}")
+        self.target = tpot_target_ms / 1e3
+        self.linger = linger_ms / 1e3
+        self.gap = gap_ms / 1e3
+        self.reserve: int | None = None  # AI cores kept for decode; half the chip until steps say otherwise
+        self.ai_cores = 0
+        self.last_decode = -math.inf
+        self.contended = False  # prefill held cores during the current decode step
+        self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # [start, drained at]
+
+    def select(self, ready, running, chip, now):
+        if self.reserve is None:
+            self.reserve, self.ai_cores = chip.ai_cores // 2, chip.ai_cores
+        ratio = chip.vector_cores // chip.ai_cores
+        cores = Cores.of(running, chip)
+        decode = sorted((e for e in ready if e.phase is Phase.DECODE), key=lambda e: e.arrival)
+        prefill = sorted((e for e in ready if e.phase is not Phase.DECODE), key=lambda e: e.arrival)
+        for entry in decode:
+            self._step_begins(entry.stream, now)
+        if decode or cores.used((Phase.DECODE,)) != (0, 0):
+            self.last_decode = now
+        active = now - self.last_decode <= self.linger
+        prefill_busy = bool(prefill) or cores.used(PREFILL_SIDE) != (0, 0)
+        self.contended |= active and prefill_busy
+        reserve = self.reserve if active else 0
+
+        chosen = []
+        cap = (reserve, reserve * ratio) if prefill_busy else (chip.ai_cores, chip.vector_cores)
+        for entry in decode:
+            used_c, used_v = cores.used((Phase.DECODE,))
+            all_c, all_v = cores.used()
+            cube = max(1, min(cap[0] - used_c, chip.ai_cores - all_c))
+            vector = max(1, min(cap[1] - used_v, chip.vector_cores - all_v))
+            if not cores.fits(entry, cube, vector, (Phase.DECODE,), cap):
+                break
+            cores.take(entry, cube, vector)
+            chosen.append(Dispatch(entry, cube, vector))
+        cap = (chip.ai_cores - reserve, chip.vector_cores - reserve * ratio)
+        for entry in prefill:
+            if not cores.fits(entry, *cap, PREFILL_SIDE, cap):
+                break
+            cores.take(entry, *cap)
+            chosen.append(Dispatch(entry, *cap))
+        return chosen
+
+    def drained(self, stream: Stream, now: float) -> None:
+        step = self.steps.get(stream)
+        if step is not None and stream.phase is Phase.DECODE:
+            step[1] = now
+
+    def status(self):
+        return {"decode_reserve": self.reserve, "tpot_target_ms": self.target * 1e3}
+
+    def _step_begins(self, stream: Stream, now: float) -> None:
+        step = self.steps.get(stream)
+        if step is None:
+            self.steps[stream] = [now, None]
+        elif step[1] is not None:  # it had drained
+            if now - step[1] > self.gap:
+                self._adapt(step[1] - step[0])
+                step[0] = now
+            step[1] = None
+
+    def _adapt(self, step_s: float) -> None:
+        assert self.reserve is not None
+        if step_s > self.target:
+            grow = max(1, math.ceil(self.reserve * (step_s / self.target - 1)))
+            self.reserve = min(self.reserve + grow, self.ai_cores - MIN_PREFILL)
+        elif self.contended and step_s < self.target * SHRINK_BELOW:
+            self.reserve = max(self.reserve - 1, MIN_DECODE)
+        self.contended = False
