@@ -8,7 +8,7 @@ what earlier tasks on the same stream wrote.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -43,6 +43,18 @@ class Cost:
     unit: Unit = Unit.VECTOR
     tiles: int = 1
     efficiency: float = 1.0
+    launches: int = 1  # back-to-back launches of the same kernel on the same blocks (the simulator folds layers)
+
+    def repeated(self, n: int) -> Cost:
+        """`n` launches of this kernel, one after another on the same blocks: one task for the simulator."""
+        return replace(
+            self,
+            flops=self.flops * n,
+            hbm_bytes=self.hbm_bytes * n,
+            link_bytes=self.link_bytes * n,
+            peer_bytes=self.peer_bytes * n,
+            launches=self.launches * n,
+        )
 
     @property
     def needs(self) -> tuple[int, int]:

@@ -37,7 +37,8 @@ from scheduler.stream import Phase, Stream
 
 MIN_DECODE = 1  # AI cores decode always keeps while active
 MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
-SHRINK_BELOW = 0.85  # give a core back only with this much room under the target
+SMOOTHING = 0.05  # weight of the latest step in the moving average of steps (about the last 20)
+MAX_STRETCH = 2.0  # a contended step may take at most this many targets (when uncontended ones are fast)
 
 
 class Flex(Quiet):
@@ -53,6 +54,7 @@ class Flex(Quiet):
         self.ai_cores = 0
         self.last_decode = -math.inf
         self.contended = False  # prefill held cores during the current decode step
+        self.mean_step: float | None = None  # moving average of decode steps: what a request's TPOT averages
         self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # [start, drained at]
 
     def select(self, ready, running, chip, now):
@@ -109,10 +111,14 @@ class Flex(Quiet):
             step[1] = None
 
     def _adapt(self, step_s: float) -> None:
+        """After a decode step: move the reserve halfway to what would have made it take its goal."""
         assert self.reserve is not None
-        if step_s > self.target:
-            grow = max(1, math.ceil(self.reserve * (step_s / self.target - 1)))
-            self.reserve = min(self.reserve + grow, self.ai_cores - MIN_PREFILL)
-        elif self.contended and step_s < self.target * SHRINK_BELOW:
-            self.reserve = max(self.reserve - 1, MIN_DECODE)
-        self.contended = False
+        self.mean_step = step_s if self.mean_step is None else self.mean_step + SMOOTHING * (step_s - self.mean_step)
+        contended, self.contended = self.contended, False
+        if not contended:
+            return  # decode had the chip: the step says nothing about the reserve
+        goal = self.target * min(MAX_STRETCH, max(1.0, self.target / self.mean_step))
+        wanted = self.reserve * step_s / goal  # a memory-bound step's time goes as 1 / its cores
+        move = (wanted - self.reserve) / 2
+        move = math.ceil(move) if move > 0 else math.floor(move) if move < -0.5 else 0
+        self.reserve = min(max(self.reserve + move, MIN_DECODE), self.ai_cores - MIN_PREFILL)

@@ -27,6 +27,9 @@ class Dispatch:
     vector: int
 
 
+ALL = tuple(Phase)
+
+
 class Policy(Protocol):
     name: str
 
@@ -44,49 +47,59 @@ class Policy(Protocol):
         ...
 
 
-@dataclass
 class Cores:
     """Cores held on a chip, per phase: each running kernel holds its block count of its kind's cores."""
 
-    chip: ChipProfile
-    held: dict[Phase, list[int]]
+    __slots__ = ("chip", "held")
+
+    def __init__(self, chip: ChipProfile, held: dict[Phase, list[int]]) -> None:
+        self.chip = chip
+        self.held = held
 
     @classmethod
     def of(cls, running: list[TaskEntry], chip: ChipProfile) -> Cores:
         held = {phase: [0, 0] for phase in Phase}
         for entry in running:
-            assert entry.job is not None and entry.task is not None
             cube, vector = entry.task.cost().needs
-            held[entry.phase][0] += cube * entry.job.blocks
-            held[entry.phase][1] += vector * entry.job.blocks
+            blocks = entry.job.blocks
+            counts = held[entry.phase]
+            counts[0] += cube * blocks
+            counts[1] += vector * blocks
         return cls(chip, held)
 
-    def used(self, phases: tuple[Phase, ...] = tuple(Phase)) -> tuple[int, int]:
-        return sum(self.held[p][0] for p in phases), sum(self.held[p][1] for p in phases)
+    def used(self, phases: tuple[Phase, ...] = ALL) -> tuple[int, int]:
+        cube = vector = 0
+        for phase in phases:
+            c, v = self.held[phase]
+            cube += c
+            vector += v
+        return cube, vector
 
     def fits(self, entry: TaskEntry, cube: int, vector: int, phases: tuple[Phase, ...], cap: tuple[int, int]) -> bool:
         """Whether `entry`, launched with these limits, has every block on a free core at once, the cores of
         `phases` staying within `cap` (cube, vector)."""
-        assert entry.task is not None
         cost = entry.task.cost()
         blocks = cost.block_dim(cube, vector)
+        if not blocks:
+            return True  # a copy holds no core
         need_c, need_v = cost.needs
+        need_c, need_v = need_c * blocks, need_v * blocks
         used_c, used_v = self.used(phases)
         all_c, all_v = self.used()
         return (
-            used_c + need_c * blocks <= cap[0]
-            and used_v + need_v * blocks <= cap[1]
-            and all_c + need_c * blocks <= self.chip.ai_cores
-            and all_v + need_v * blocks <= self.chip.vector_cores
+            used_c + need_c <= cap[0]
+            and used_v + need_v <= cap[1]
+            and all_c + need_c <= self.chip.ai_cores
+            and all_v + need_v <= self.chip.vector_cores
         )
 
     def take(self, entry: TaskEntry, cube: int, vector: int) -> None:
         """Count `entry`'s blocks as held (it was just dispatched with these limits)."""
-        assert entry.task is not None
         cost = entry.task.cost()
         blocks = cost.block_dim(cube, vector)
-        self.held[entry.phase][0] += cost.needs[0] * blocks
-        self.held[entry.phase][1] += cost.needs[1] * blocks
+        counts = self.held[entry.phase]
+        counts[0] += cost.needs[0] * blocks
+        counts[1] += cost.needs[1] * blocks
 
 
 class Quiet:

@@ -81,12 +81,22 @@ class RequestResult:
     error: str | None = None
 
 
+def _draw_lengths(rng: np.random.Generator, lengths: Lengths, n: int, max_model_len: int) -> list[tuple[int, int]]:
+    prompts = np.minimum(lengths.prompt.draw(rng, n), max_model_len - 1)
+    outputs = np.minimum(lengths.output.draw(rng, n), max_model_len - prompts)
+    return list(zip(prompts.tolist(), outputs.tolist(), strict=True))
+
+
+def draw_lengths(lengths: Lengths, num_requests: int, seed: int, max_model_len: int) -> list[tuple[int, int]]:
+    """(prompt tokens, max_tokens) per request: draw_requests' lengths, without the token ids (the simulator's)."""
+    return _draw_lengths(np.random.default_rng(seed), lengths, num_requests, max_model_len)
+
+
 def draw_requests(lengths: Lengths, num_requests: int, seed: int, max_model_len: int) -> list[tuple[list[int], int]]:
     """(prompt ids, max_tokens) per request, the same for the same seed."""
     rng = np.random.default_rng(seed)
-    prompts = np.minimum(lengths.prompt.draw(rng, num_requests), max_model_len - 1)
-    outputs = np.minimum(lengths.output.draw(rng, num_requests), max_model_len - prompts)
-    return [(rng.integers(0, 256, p).tolist(), int(o)) for p, o in zip(prompts.tolist(), outputs.tolist(), strict=True)]
+    drawn = _draw_lengths(rng, lengths, num_requests, max_model_len)
+    return [(rng.integers(0, 256, p).tolist(), o) for p, o in drawn]
 
 
 def arrival_times(rate: float, num_requests: int, seed: int) -> list[float]:

@@ -64,6 +64,7 @@ class _Run:
     hbm: float  # bytes per block
     links: tuple[float, float]  # bytes per block over the host link and over the chip interconnect
     hbm_cap: float  # bytes/s one block's memory path can move
+    overhead_s: float  # launch overhead of each block (once per launch it stands for)
 
 
 @dataclass(eq=False, slots=True)
@@ -93,7 +94,8 @@ class BlockTiming:
     def start(self, job: Job, cost: Cost) -> None:
         blocks, compute, hbm, links = _block(self.profile, cost, job.cube_limit, job.vector_limit)
         job.blocks, job.started_at = blocks, self.t
-        run = _Run(job, cost.needs, max(blocks, 1), 0, compute, hbm, links, _path(self.profile, cost.unit))
+        overhead = self.profile.launch_overhead_s * cost.launches
+        run = _Run(job, cost.needs, max(blocks, 1), 0, compute, hbm, links, _path(self.profile, cost.unit), overhead)
         self.waiting.append(run)
         self._place()
 
@@ -176,7 +178,7 @@ class BlockTiming:
             run = c.run
             moved = max(v / bw for v, bw in zip(run.links, links, strict=True))
             hbm = run.hbm / min(run.hbm_cap, p.hbm_bandwidth / c.n)
-            self._set_rate(c, p.launch_overhead_s + max(run.compute_s, moved, hbm))
+            self._set_rate(c, run.overhead_s + max(run.compute_s, moved, hbm))
             self._due = c.due
             return
         # The links first (each asks what its compute allows), then HBM (what compute and links allow).
@@ -190,7 +192,7 @@ class BlockTiming:
             cohorts, [c.run.hbm for c in cohorts], [c.run.hbm_cap for c in cohorts], floors, p.hbm_bandwidth
         )
         for c, floor, bw in zip(cohorts, floors, hbm_bw, strict=True):
-            self._set_rate(c, p.launch_overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0))
+            self._set_rate(c, c.run.overhead_s + max(floor, c.run.hbm / bw if c.run.hbm else 0.0))
         self._due = min(c.due for c in cohorts)
 
     def _set_rate(self, cohort: _Cohort, block_s: float) -> None:
