@@ -32,6 +32,7 @@ log = structlog.get_logger()
 
 class Engine:
     def __init__(self, npu: Executor, policy: Policy) -> None:
+        policy.check(npu.profile)
         self.npu = npu
         self.policy = policy
         self.t = 0.0  # modeled time everything has been processed up to
@@ -42,7 +43,9 @@ class Engine:
         self.trace: list[tuple] | None = None
 
     def set_policy(self, policy: Policy) -> None:
-        """Switch policies at run time: queued work stays queued, in order; what runs finishes as it started."""
+        """Switch policies at run time: queued work stays queued, in order; what runs finishes as it started.
+        A policy that cannot work on this chip raises ValueError and changes nothing."""
+        policy.check(self.npu.profile)
         self.policy = policy
         self._dispatch()
 

@@ -15,12 +15,14 @@ a fixed split (static) leaves one phase's cores idle while the other queues. Fle
    Orion's pairing of compute- and memory-bound kernels: co-run them, but never queue the latency-critical one
    behind the other's blocks).
 3. The reserve adapts to a TPOT target, per decode step (a decode stream's busy period; host gaps shorter
-   than `gap_ms` do not end one). A step slower than the target grows the reserve in proportion (a
-   memory-bound step's time goes as 1 / its cores); a step under `SHRINK_BELOW` of the target, taken while
-   prefill was running beside it, gives one core back. So decode holds the fewest cores that keep it within
-   its target and prefill — TTFT — gets everything else. Where Sarathi-Serve bounds decode stalls by capping
-   prefill chunks in time, flex bounds them in space (cores); where DistServe and Splitwise size the phases
-   per instance for hours, flex re-sizes them per step on one chip.
+   than `gap_ms` do not end one). A request's TPOT is the mean of the steps it lives through, so the goal of a
+   step that ran beside prefill is the target, stretched (up to MAX_STRETCH times) while the moving average of
+   all steps is under it — steps that had the chip alone pay for slower contended ones. After each contended
+   step the reserve moves halfway to the cores that would have made it take its goal (a memory-bound step's
+   time goes as 1 / its cores), within [MIN_DECODE, cores - MIN_PREFILL]. So decode holds the fewest cores that
+   keep its TPOT within the target and prefill — TTFT — gets everything else. Where Sarathi-Serve bounds decode
+   stalls by capping prefill chunks in time, flex bounds them in space (cores); where DistServe and Splitwise
+   size the phases per instance for hours, flex re-sizes them per step on one chip.
 
 The target is on the device time of a step (what the chip controls): set it to the TPOT objective less the
 serving engine's host time per step.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 import weakref
 
+from npu.tasks import Unit
 from scheduler.policy import Cores, Dispatch, Quiet
 from scheduler.static import PREFILL_SIDE
 from scheduler.stream import Phase, Stream
@@ -66,35 +69,48 @@ class Flex(Quiet):
         prefill = sorted((e for e in ready if e.phase is not Phase.DECODE), key=lambda e: e.arrival)
         for entry in decode:
             self._step_begins(entry.stream, now)
-        if decode or cores.used((Phase.DECODE,)) != (0, 0):
+        decoding = bool(decode) or cores.used((Phase.DECODE,)) != (0, 0)
+        if decoding:
             self.last_decode = now
         active = now - self.last_decode <= self.linger
         prefill_busy = bool(prefill) or cores.used(PREFILL_SIDE) != (0, 0)
-        self.contended |= active and prefill_busy
+        self.contended |= decoding and prefill_busy
         reserve = self.reserve if active else 0
 
         chosen = []
         cap = (reserve, reserve * ratio) if prefill_busy else (chip.ai_cores, chip.vector_cores)
+        blocked = False  # in arrival order per phase: a kernel that waits holds back later ones, not copies
         for entry in decode:
+            if entry.task.cost().unit is Unit.DMA:  # a copy holds no core: nothing to wait for
+                chosen.append(Dispatch(entry, cap[0] or 1, cap[1] or 1))
+                continue
             used_c, used_v = cores.used((Phase.DECODE,))
             all_c, all_v = cores.used()
             cube = max(1, min(cap[0] - used_c, chip.ai_cores - all_c))
             vector = max(1, min(cap[1] - used_v, chip.vector_cores - all_v))
-            if not cores.fits(entry, cube, vector, (Phase.DECODE,), cap):
-                break
+            if blocked or not cores.fits(entry, cube, vector, (Phase.DECODE,), cap):
+                blocked = True
+                continue
             cores.take(entry, cube, vector)
             chosen.append(Dispatch(entry, cube, vector))
         cap = (chip.ai_cores - reserve, chip.vector_cores - reserve * ratio)
+        blocked = False
         for entry in prefill:
-            if not cores.fits(entry, *cap, PREFILL_SIDE, cap):
-                break
-            cores.take(entry, *cap)
-            chosen.append(Dispatch(entry, *cap))
+            if entry.task.cost().unit is Unit.DMA:
+                chosen.append(Dispatch(entry, *cap))
+            elif not blocked and cores.fits(entry, *cap, PREFILL_SIDE, cap):
+                cores.take(entry, *cap)
+                chosen.append(Dispatch(entry, *cap))
+            else:
+                blocked = True
         return chosen
 
     def drained(self, stream: Stream, now: float) -> None:
+        if stream.phase is not Phase.DECODE:
+            return
+        self.last_decode = now  # linger counts from the end of decode work
         step = self.steps.get(stream)
-        if step is not None and stream.phase is Phase.DECODE:
+        if step is not None:
             step[1] = now
 
     def status(self):

@@ -38,6 +38,10 @@ class Policy(Protocol):
         core limits. Handed over, a task's blocks take cores as they free up, in start order."""
         ...
 
+    def check(self, chip: ChipProfile) -> None:
+        """Raise ValueError if the policy's options cannot work on `chip` (before it is put in charge of one)."""
+        ...
+
     def drained(self, stream: Stream, now: float) -> None:
         """`stream` ran out of queued work at `now` (a step's end, for a serving engine)."""
         ...
@@ -104,6 +108,9 @@ class Cores:
 
 class Quiet:
     """No-ops for the hooks a policy has no use for."""
+
+    def check(self, chip: ChipProfile) -> None:
+        pass
 
     def drained(self, stream: Stream, now: float) -> None:
         pass

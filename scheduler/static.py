@@ -10,6 +10,7 @@ what static co-location costs.
 from __future__ import annotations
 
 from npu.profiles import ChipProfile
+from npu.tasks import Unit
 from scheduler.policy import Cores, Dispatch, Quiet
 from scheduler.stream import Phase
 
@@ -24,13 +25,16 @@ class Static(Quiet):
             raise ValueError(f"static policy: prefill_cores must be at least 1, got {prefill_cores}")
         self.prefill_cores = prefill_cores  # None: half the chip
 
+    def check(self, chip: ChipProfile) -> None:
+        if self.prefill_cores is not None and self.prefill_cores >= chip.ai_cores:
+            raise ValueError(
+                f"static policy: prefill_cores {self.prefill_cores} leaves decode no core of the {chip.ai_cores} on "
+                f"{chip.name} (use 1-{chip.ai_cores - 1})"
+            )
+
     def partitions(self, chip: ChipProfile) -> dict[tuple[Phase, ...], tuple[int, int]]:
         """(cube, vector) cores of each side."""
         prefill = chip.ai_cores // 2 if self.prefill_cores is None else self.prefill_cores
-        if prefill >= chip.ai_cores:
-            raise ValueError(
-                f"static policy: prefill_cores {prefill} leaves decode no core of the {chip.ai_cores} on {chip.name}"
-            )
         ratio = chip.vector_cores // chip.ai_cores
         return {
             PREFILL_SIDE: (prefill, prefill * ratio),
@@ -41,11 +45,15 @@ class Static(Quiet):
         cores = Cores.of(running, chip)
         chosen = []
         for side, (cube, vector) in self.partitions(chip).items():
+            blocked = False  # in order within the partition: a later kernel does not overtake one that waits
             for entry in sorted((e for e in ready if e.phase in side), key=lambda e: e.arrival):
-                if not cores.fits(entry, cube, vector, side, (cube, vector)):
-                    break  # in order within the partition: a later kernel does not overtake one that waits
-                cores.take(entry, cube, vector)
-                chosen.append(Dispatch(entry, cube, vector))
+                if entry.task.cost().unit is Unit.DMA:  # a copy holds no core: it never waits for one
+                    chosen.append(Dispatch(entry, cube, vector))
+                elif not blocked and cores.fits(entry, cube, vector, side, (cube, vector)):
+                    cores.take(entry, cube, vector)
+                    chosen.append(Dispatch(entry, cube, vector))
+                else:
+                    blocked = True
         return sorted(chosen, key=lambda d: d.entry.arrival)
 
     def status(self):
