@@ -204,6 +204,8 @@ class Simulation:
             self._plan(engine)
 
     def _plan(self, engine: _Engine) -> None:
+        if engine.role is Role.PREFILL and not self._decode_room(engine):
+            return  # woken when a decode engine finishes a request
         pulls = self._take_handovers(engine)
         plan = engine.batcher.schedule(self.now)
         if plan.kind is StepKind.IDLE:  # a handover that made a request runnable makes a decode step: no pulls here
@@ -252,6 +254,9 @@ class Simulation:
             self._hand_over(engine, rid, event)
             return
         engine.outstanding -= 1
+        if engine.role is Role.DECODE:
+            for entry in self.entries:
+                self._wake(entry)
         times = self._token_times.pop(rid)
         r.e2e_s = times[-1] - r.sent_s
         if self.spec.keep_itl:
@@ -259,12 +264,21 @@ class Simulation:
         if r.output_tokens > 1:
             r.tpot_s = (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
 
+    def _decoder(self, prefill: _Engine) -> _Engine:
+        """Where a prefill engine hands over: the decode engine beside it, or the least loaded."""
+        if self.spec.deployment == "colocated":
+            return self.partner[id(prefill)]
+        return min(self.decoders, key=lambda e: e.outstanding)
+
+    def _decode_room(self, prefill: _Engine) -> bool:
+        """Back-pressure, as the live coordinator has it: a prefill engine starts new prompts only while the decode
+        engine it hands over to has fewer than max_num_seqs requests, so prompts wait before their prefill (TTFT)
+        rather than after it for a decode slot (TPOT)."""
+        return self._decoder(prefill).outstanding < self.spec.max_num_seqs
+
     def _hand_over(self, prefill: _Engine, rid: str, done) -> None:
         prefill.outstanding -= 1
-        if self.spec.deployment == "colocated":
-            decode = self.partner[id(prefill)]
-        else:
-            decode = min(self.decoders, key=lambda e: e.outstanding)
+        decode = self._decoder(prefill)
         decode.outstanding += 1
         r = self.results[rid]
         decode.inbox.append((rid, r.prompt_tokens, prefill, done.handover_blocks))

@@ -186,6 +186,9 @@ class Deployment:
         while not instance.dead:
             try:
                 await self._take_handovers(instance)
+                if instance is self.entry and not self._decode_room():
+                    await instance.idle()  # poked when the decode instance finishes a request
+                    continue
                 plan = instance.batcher.schedule(trio.current_time())
                 if plan.kind is StepKind.IDLE:
                     await instance.idle()
@@ -225,8 +228,18 @@ class Deployment:
             elif done is not None:
                 request.stream.send_nowait(Output(event.token, done.reason.value))
                 del self.requests[request.id]
+                if instance is self.decode:
+                    self.entry.poke()
             else:
                 request.stream.send_nowait(Output(event.token))
+
+    def _decode_room(self) -> bool:
+        """Back-pressure: the prefill instance starts new prompts only while the decode instance has fewer than
+        max_num_seqs requests, so prompts wait before their prefill (TTFT) rather than after it (TPOT)."""
+        decode = self.decode
+        if decode is None or decode.dead:
+            return True
+        return decode.batcher.stats().running + len(decode.inbox) < decode.batcher.config.max_num_seqs
 
     def _hand_over(self, prefill: Instance, request: _Request, done: Finished) -> None:
         decode = self.decode
