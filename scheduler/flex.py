@@ -47,7 +47,7 @@ MAX_STRETCH = 2.0  # a contended step may take at most this many targets (when u
 class Flex(Quiet):
     name = "flex"
 
-    def __init__(self, tpot_target_ms: float = 50.0, linger_ms: float = 10.0, gap_ms: float = 0.5) -> None:
+    def __init__(self, tpot_target_ms: float = 50.0, linger_ms: float = 10.0, gap_ms: float = 0.1) -> None:
         if tpot_target_ms <= 0:
             raise ValueError(f"flex policy: tpot_target_ms must be > 0, got {tpot_target_ms}")
         self.target = tpot_target_ms / 1e3

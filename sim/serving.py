@@ -61,7 +61,8 @@ class SimSpec:
     block_size: int = 16
     max_num_seqs: int = 16
     max_model_len: int = 256
-    host_ms: float = 1.0  # the serving process's work per step (plan, inputs, launches), before the chip's part
+    host_ms: float = 1.0  # the serving process's work before a decode step reaches the chip (inputs, a replay)
+    prefill_host_ms: float = 0.0  # the same before a prefill step (0: launched op by op, the chip starts at once)
     fold: int = 1
     keep_itl: bool = True  # per-token gaps (memory: one float per token)
 
@@ -211,7 +212,8 @@ class Simulation:
         if plan.kind is StepKind.IDLE:  # a handover that made a request runnable makes a decode step: no pulls here
             return
         engine.plan = plan
-        self._at(self.now + self.spec.host_ms / 1e3, self._issue, (engine, pulls))
+        host_ms = self.spec.host_ms if plan.kind is StepKind.DECODE else self.spec.prefill_host_ms
+        self._at(self.now + host_ms / 1e3, self._issue, (engine, pulls))
 
     def _issue(self, arg) -> None:
         engine, pulls = arg

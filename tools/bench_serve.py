@@ -200,7 +200,7 @@ def _host_share(engine, time_scale: float) -> dict:
     and their ratio: it must stay well under 1 for the emulated device, not the host, to decide the figures."""
     shares = {}
     for kind in ("prefill", "decode"):
-        steps = [(h, d * time_scale) for i in engine.instances for k, h, d in i.timings if k == kind]
+        steps = [(h, d * time_scale) for i in engine.instances for k, h, d, _ in i.timings if k == kind]
         if steps:
             host, paced = statistics.median(h for h, _ in steps), statistics.median(p for _, p in steps)
             shares[kind] = {"host_ms": host, "paced_device_ms": paced, "ratio": host / paced if paced else None}

@@ -59,6 +59,8 @@ class ServeSpec:
     seed: int = 0
     timing: bool = False  # shapes only (a 7B model's weights cost no host memory); tokens are then meaningless
     time_scale: float = 1.0  # wall seconds per modeled second of the emulated NPUs
+    policy: str = "fifo"  # the chips' scheduling policy (scheduler/policies.py) and its options
+    policy_options: dict = field(default_factory=dict, hash=False)
 
     @classmethod
     def for_model(cls, model: str, **changes) -> ServeSpec:
@@ -107,7 +109,7 @@ class Instance:
     wake: trio.Event = field(default_factory=trio.Event)
     inbox: list[_Handover] = field(default_factory=list)  # decode: handed-over requests to take
     dead: str | None = None  # why the worker can no longer serve
-    # recent steps: (kind, ms of host work issuing it, modeled ms on the device)
+    # recent steps: (kind, ms of host work issuing it, modeled ms on the device, wall ms of the worker call)
     timings: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
     def poke(self) -> None:
@@ -204,6 +206,7 @@ class Deployment:
         if not entries:
             return {}
         blocks = [list(e.blocks) for e in entries]
+        began = trio.current_time()
         if plan.kind is StepKind.PREFILL:  # whole prompts (chunked_prefill is off): the request's tokens so far
             prompts = [self.requests[e.request_id].tokens[: e.start + e.num_tokens] for e in entries]
             answer = await instance.worker.call("prefill", prompts=prompts, blocks=blocks)
@@ -211,7 +214,8 @@ class Deployment:
             last = [self.requests[e.request_id].tokens[-1] for e in entries]
             lengths = [e.start + 1 for e in entries]
             answer = await instance.worker.call("decode", tokens=last, context_lens=lengths, blocks=blocks)
-        instance.timings.append((plan.kind.value, answer["issue_ms"], answer["device_ms"]))
+        wall_ms = (trio.current_time() - began) * 1e3
+        instance.timings.append((plan.kind.value, answer["issue_ms"], answer["device_ms"], wall_ms))
         return {e.request_id: t for e, t in zip(entries, answer["tokens"], strict=True) if e.samples}
 
     def _route(self, instance: Instance, events: list) -> None:
@@ -295,7 +299,9 @@ def topology(kind: str, spec: ServeSpec) -> str:
     """The daemon's (or direct mode's) config: 910B2s, numeric or timing mode, roles for the phases."""
     mode = "timing" if spec.timing else "numeric"
     chips = 2 if kind == "disaggregated" else 1
-    lines = [f"[daemon]\ntime_scale = {spec.time_scale}\n"]
+    lines = [f'[daemon]\ntime_scale = {spec.time_scale}\npolicy = "{spec.policy}"\n']
+    if spec.policy_options:
+        lines.append(f"[policy.{spec.policy}]\n" + "".join(f"{k} = {v!r}\n" for k, v in spec.policy_options.items()))
     lines += [f'[[physical]]\nname = "npu{i}"\nchip = "910B2"\nmode = "{mode}"\n' for i in range(chips)]
     roles = {"direct": [("any", 0)], "colocated": [("prefill", 0), ("decode", 0)]}.get(
         kind, [("prefill", 0), ("decode", 1)]

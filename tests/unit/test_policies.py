@@ -410,8 +410,8 @@ def test_flex_slow_decode_steps_beside_prefill_grow_the_reserve_up_to_22():
 
 
 def test_flex_steps_in_one_busy_period_count_as_one_step():
-    """flex: host gaps shorter than gap_ms do not end a decode step. Two bursts 100 us apart (gap 0.5 ms) beside
-    a prefill kernel are one step, and the reserve moves once, by that whole step."""
+    """flex: host gaps shorter than gap_ms do not end a decode step. Two bursts 100 us apart beside
+    a prefill kernel are one step (gap_ms 0.1), and the reserve moves once, by that whole step."""
     target = 90e-6
     rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=target * 1e3)
     first = rig.burst(decode, DECODE, 2, 0.0)
