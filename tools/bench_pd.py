@@ -339,8 +339,8 @@ def render(r: dict) -> str:
     if "scale" in r:
         s = r["scale"]
         out.append(
-            f"\nscale: {s['npus']} NPUs, {s['modeled_s']:.0f} modeled s, {s['completed']} requests in {s['wall_s']:.0f} "
-            f"s wall ({s['npu_seconds_per_wall_second']:.0f} NPU-seconds per second, 2 processes)"
+            f"\nscale: {s['npus']} NPUs, {s['modeled_s']:.0f} modeled s, {s['completed']} requests in "
+            f"{s['wall_s']:.0f} s wall ({s['npu_seconds_per_wall_second']:.0f} NPU-seconds per second, 2 processes)"
         )
     lv = r["live"]
     out += [

@@ -12,7 +12,7 @@ import click
 
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
-from tools import coverage, launch
+from tools import coverage, launch, simulate
 from tools.tables import boxed
 
 DEFAULT_MOUNT = "/dev/flexnpu"
@@ -254,6 +254,7 @@ BENCHES = {
     "fidelity": "The emulated chip beside public measurements, and a prefill/decode co-location probe.",
     "serve": "LLM serving: decode overhead through the daemon vs direct; deployments under load over HTTP.",
     "chaos": "Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse.",
+    "pd": "Prefill/decode co-location: fifo, static and flex vs static disaggregation, simulated and live.",
 }
 
 
@@ -268,6 +269,8 @@ def _bench_command(name: str, what: str) -> None:
 for _name, _what in BENCHES.items():
     _bench_command(_name, _what)
 
+
+main.add_command(simulate.command, "simulate")
 
 if __name__ == "__main__":
     sys.exit(main())

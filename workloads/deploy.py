@@ -39,7 +39,7 @@ from workloads.batching import (
     StepKind,
     StepPlan,
 )
-from workloads.model import model_config, parameter_count
+from workloads.model import ModelConfig, model_config, parameter_count
 from workloads.serving import EngineError, EngineStats, Output, RequestRejected
 from workloads.workerproc import WorkerProcess
 
@@ -63,10 +63,11 @@ class ServeSpec:
     policy_options: dict = field(default_factory=dict, hash=False)
 
     @classmethod
-    def for_model(cls, model: str, **changes) -> ServeSpec:
+    def for_model(cls, model: str | ModelConfig, **changes) -> ServeSpec:
         """Sizes that fit the model on a 910B2 virtual NPU (32 GiB, two per chip): the tiny model computes real
         tokens; a 7B-class model runs in timing mode, its KV cache what its weights leave of the quota."""
-        config = model_config(model)
+        config = model if isinstance(model, ModelConfig) else model_config(model)
+        model = config.name
         if config.name == "tiny":
             return replace(cls(model=model, max_model_len=config.max_position_embeddings), **changes)
         block_size = 128
