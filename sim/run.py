@@ -38,17 +38,24 @@ class Outcome:
     timeline: list[tuple] = field(default_factory=list)  # npu0's kernels: (phase, start, end, cube, vector)
 
     def summary(self, slo: Slo = DEFAULT_SLO) -> dict:
-        """The load generator's aggregate, plus the output tokens per second generated while requests kept arriving
-        (a request's tokens counted as spread evenly between its first and last): over the whole run, the few
-        longest outputs at the end decide the throughput; within the window, a saturated deployment shows."""
-        window = max(r.sent_s for r in self.results)
+        """The load generator's aggregate, plus the output tokens per second generated in the steady part of the
+        arrivals (their last three quarters; a request's tokens counted as spread evenly between its first and
+        last). Over the whole run, the few longest outputs at the end decide the throughput, and counting completed
+        requests in a window favours short latencies; tokens generated in a window after the ramp-up do neither,
+        and a saturated deployment shows as fewer of them."""
+        end = max(r.sent_s for r in self.results)
+        start = end / 4
         tokens = 0.0
         for r in self.results:
-            if r.error is not None or r.sent_s + r.ttft_s > window:
+            if r.error is not None or r.ttft_s is None:
                 continue
             first, last = r.sent_s + r.ttft_s, r.sent_s + r.e2e_s
-            tokens += 1 + (r.output_tokens - 1) * (min(1.0, (window - first) / (last - first)) if last > first else 1)
-        sustained = {"sustained_tokens_per_s": tokens / window if window else 0.0}
+            if last <= first:
+                tokens += start <= first <= end
+                continue
+            rate = (r.output_tokens - 1) / (last - first)
+            tokens += (start <= first <= end) + rate * max(0.0, min(last, end) - max(first, start))
+        sustained = {"sustained_tokens_per_s": tokens / (end - start) if end > start else 0.0}
         return aggregate(self.results, self.duration_s, slo) | sustained | {"wall_s": self.wall_s}
 
 

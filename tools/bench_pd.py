@@ -237,9 +237,10 @@ def run(quick: bool = False) -> dict:
 
 
 def _near_saturation(runs: dict) -> float:
-    """The highest rate at which static co-location still completes what it is sent (throughput within 10 %)."""
-    ok = [float(r) for r, s in runs[STATIC].items() if s["request_throughput"] >= 0.9 * float(r) * NPUS]
-    return max(ok) if ok else min(float(r) for r in runs[STATIC])
+    """The highest rate at which static co-location still meets the TTFT SLO at p99: past it, its prefill queue
+    grows and so does TTFT."""
+    ok = [float(r) for r, s in runs[STATIC].items() if s["ttft_s"]["p99"] <= DEFAULT_SLO.ttft_s]
+    return max(ok) if ok else float(next(iter(runs[STATIC])))
 
 
 # -- the report ----------------------------------------------------------------------------------------------
