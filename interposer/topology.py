@@ -16,7 +16,7 @@ class PhysicalUnit:
     name: str
     npu: Executor
     runner: Runner
-    policy: str
+    policy: str  # the name of the policy its engine runs
 
 
 @dataclass(eq=False)
@@ -43,6 +43,7 @@ class Topology:
     physical: list[PhysicalUnit]
     virtual: list[VirtualNPU]
     time_scale: float
+    policy_options: dict[str, dict] = field(default_factory=dict)  # [policy.<name>]: at start and on a switch
 
     def status(self) -> dict:
         """What `vdevctl ls` shows; JSON-serialisable."""
