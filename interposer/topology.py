@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from interposer.handles import AddressSpace
 from interposer.ipc import IpcRegistry
 from npu.executor import Executor
+from scheduler.policies import make_policy
 from scheduler.runner import Runner
 from scheduler.stream import Phase
 
@@ -16,7 +17,18 @@ class PhysicalUnit:
     name: str
     npu: Executor
     runner: Runner
-    policy: str
+    policy: str  # the name of the policy its engine runs
+
+    def switch_policy(self, name: str, options: dict) -> None:
+        """Run policy `name` from now on: queued work stays queued, in order; what runs finishes as it started.
+        ValueError, and nothing changed, if its options do not fit this chip."""
+        policy = make_policy(name, **options)
+        policy.check(self.npu.profile)  # before the engine moves (set_policy checks too, after)
+        engine = self.runner.engine
+        engine.advance(self.runner.now())  # its first dispatch is at the present, not when the engine last moved
+        engine.set_policy(policy)
+        self.runner._kick()  # the daemon's driver re-plans its wait: the new policy may have started work
+        self.policy = name
 
 
 @dataclass(eq=False)
@@ -43,6 +55,7 @@ class Topology:
     physical: list[PhysicalUnit]
     virtual: list[VirtualNPU]
     time_scale: float
+    policy_options: dict[str, dict] = field(default_factory=dict)  # [policy.<name>]: at start and on a switch
 
     def status(self) -> dict:
         """What `vdevctl ls` shows; JSON-serialisable."""
@@ -53,6 +66,7 @@ class Topology:
                     "chip": p.npu.profile.name,
                     "mode": p.npu.mode,
                     "policy": p.policy,
+                    "policy_state": p.runner.engine.policy.status(),
                     "memory_used": p.npu.memory.used,
                     "memory_total": p.npu.memory.capacity,
                     "queued": p.runner.engine.queued,

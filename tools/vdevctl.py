@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ import click
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
 from tools import coverage, launch, simulate
-from tools.tables import boxed
+from tools.tables import boxed, plain
 
 DEFAULT_MOUNT = "/dev/flexnpu"
 SHIM_PATH = launch.SHIM_PATH
@@ -33,12 +34,51 @@ def read_status(mount: Path) -> dict:
         ) from None
 
 
+def send_command(mount: Path, line: str) -> str:
+    """Write one command to the daemon's control node; its reply line (`ok: ...` or `error: ...`)."""
+    node = mount / "control"
+    try:
+        fd = os.open(node, os.O_RDWR)
+    except FileNotFoundError:
+        read_status(mount)  # says how to start a daemon if there is none
+        raise click.ClickException(f"{node}: no such file: restart the daemon with this version of FlexNPU") from None
+    except PermissionError:
+        raise click.ClickException(
+            f"{node}: permission denied: only the daemon's user (uid {node.stat().st_uid}) or root may use it"
+        ) from None
+    try:
+        os.write(fd, line.encode())
+        return os.read(fd, 4096).decode().removesuffix("\n")
+    finally:
+        os.close(fd)
+
+
 def human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def policy_label(physical: dict) -> str:
+    """A physical NPU's policy with its state: `flex (decode reserve 12, tpot target 50 ms)`."""
+    state = []
+    for key, value in physical["policy_state"].items():
+        if value is None:  # not decided yet (flex's reserve before its first dispatch)
+            continue
+        shown = f"{value:g}" if isinstance(value, int | float) else str(value)
+        name = key.replace("_", " ")
+        state.append(f"{name.removesuffix(' ms')} {shown} ms" if key.endswith("_ms") else f"{name} {shown}")
+    return f"{physical['policy']} ({', '.join(state)})" if state else physical["policy"]
+
+
+def stream_phases(session: dict) -> str:
+    """Each stream's phase and where it came from, alike ones counted: `prefill (operator), unknown ×2`."""
+    labels = Counter(
+        s["phase"] if s["from"] == "none" else f"{s['phase']} ({s['from']})" for s in session["stream_phases"]
+    )
+    return ", ".join(label if n == 1 else f"{label} ×{n}" for label, n in labels.items())
 
 
 def render(status: dict) -> str:
@@ -67,7 +107,7 @@ def render(status: dict) -> str:
                     v["name"],
                     str(s["session"]),
                     str(s["pid"]),
-                    s["phase"],
+                    stream_phases(s),
                     str(s["streams"]),
                     str(s["events"]),
                     str(s["queued"]),
@@ -83,7 +123,7 @@ def render(status: dict) -> str:
                     p["name"],
                     p["chip"],
                     p["mode"],
-                    p["policy"],
+                    policy_label(p),
                     f"{human(p['memory_used'])} / {human(p['memory_total'])}",
                     str(p["running"]),
                     str(p["queued"]),
@@ -136,6 +176,30 @@ def ls(mount: Path, as_json: bool) -> None:
     """Every virtual NPU: its physical NPU, memory, sessions (with pids), streams and queued work."""
     status = read_status(mount)
     click.echo(json.dumps(status, indent=1) if as_json else render(status))
+
+
+@main.command()
+@click.argument("npu", required=False)
+@click.argument("name", required=False)
+@click.pass_obj
+def policy(mount: Path, npu: str | None, name: str | None) -> None:
+    """Each physical NPU's scheduling policy and its state; with NPU and NAME, switch NPU to policy NAME now.
+
+    Queued work stays queued, in order, and what runs finishes as it started. The policy is made with the
+    options of its [policy.NAME] table in the daemon's config. Switching needs the daemon's user or root.
+
+    Example: vdevctl policy npu0 flex
+    """
+    if npu is None:
+        rows = [("NPU", "Policy")] + [(p["name"], policy_label(p)) for p in read_status(mount)["physical"]]
+        click.echo(plain(rows))
+        return
+    if name is None:
+        raise click.UsageError("missing NAME: `vdevctl policy NPU NAME` switches NPU to policy NAME")
+    reply = send_command(mount, f"policy {npu} {name}")
+    if not reply.startswith("ok: "):
+        raise click.ClickException(reply.removeprefix("error: "))
+    click.echo(reply)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -2,7 +2,7 @@
 
     [daemon]
     time_scale = 1.0          # wall seconds per modeled second; 0 = no clock (as fast as possible)
-    policy = "fifo"           # scheduling policy of every physical NPU
+    policy = "fifo"           # scheduling policy of every physical NPU that names none: fifo | static | flex
     session_buffer = "160MiB" # unread replies + unfinished frames one session may leave in the daemon
     daemon_buffer = "512MiB"  # the same for all sessions together (device-memory quotas do not see these)
 
@@ -11,6 +11,7 @@
     backend = "emulated"      # emulated | pyacl (a real device through the vendor's pyACL)
     chip = "910B2"            # 910B2 | 910B4 | 910C (pyacl: the chip the policies plan for)
     mode = "numeric"          # numeric (real bytes and results) | timing (shapes only, no backing store)
+    policy = "flex"           # this NPU's scheduling policy (default: [daemon] policy); `vdevctl policy` switches it
     # module = "acl"          # pyacl only: the vendor pyACL module to import
     # device = 0              # pyacl only: the vendor's device id
 
@@ -22,6 +23,14 @@
     owner = "0:0"             # uid:gid of the device node
     mode = "0666"             # permission bits of the device node
 
+    [policy.static]           # options of a policy, wherever it runs (from the start or after a switch)
+    prefill_cores = 12        # AI cores of the prefill partition (default: half the chip); decode gets the rest
+
+    [policy.flex]
+    tpot_target_ms = 50       # decode's device time per step that the decode reserve adapts to
+    linger_ms = 10            # decode counts as active this long after its last kernel
+    gap_ms = 0.5              # host gaps shorter than this do not end a decode step
+
 With no file: two emulated 910B2 NPUs, each exposed as two virtual NPUs (davinci0-1 on npu0, davinci2-3 on npu1).
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +50,7 @@ from npu.executor import Executor
 from npu.profiles import PROFILES, profile
 from scheduler.clock import make_clock
 from scheduler.engine import Engine
-from scheduler.policies import POLICIES, make_policy
+from scheduler.policies import POLICIES, make_policy, options
 from scheduler.runner import Runner, SyncRunner, TrioRunner
 from scheduler.stream import Phase
 
@@ -61,6 +71,7 @@ class PhysicalSpec:
     chip: str = "910B2"
     mode: str = "numeric"
     backend: str = "emulated"
+    policy: str = "fifo"
     module: str = "acl"  # pyacl backend: the vendor's pyACL module
     device: int = 0  # pyacl backend: the vendor's device id
 
@@ -81,7 +92,8 @@ class Config:
     physical: list[PhysicalSpec]
     virtual: list[VirtualSpec]
     time_scale: float = 1.0
-    policy: str = "fifo"
+    policy: str = "fifo"  # of every physical NPU that names none
+    policy_options: dict[str, dict] = field(default_factory=dict)  # [policy.<name>] tables, checked
     session_buffer: int = 160 << 20  # two 64 MiB copy records (the runtime's chunk) and room to spare
     daemon_buffer: int = 512 << 20
     source: str = field(default="built-in default")
@@ -109,7 +121,7 @@ def load(path: str | Path | None) -> Config:
 
 
 def parse(raw: dict) -> Config:
-    _only(raw, "", {"daemon", "physical", "virtual"})
+    _only(raw, "", {"daemon", "physical", "virtual", "policy"})
     daemon = raw.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon", daemon, "must be a table ([daemon])")
@@ -125,6 +137,7 @@ def parse(raw: dict) -> Config:
     policy = daemon.get("policy", "fifo")
     if policy not in POLICIES:
         raise ConfigError("daemon.policy", policy, f"must be one of {', '.join(POLICIES)}")
+    policy_options = _policy_options(raw.get("policy", {}))
 
     buffers = {key: _size(f"daemon.{key}", daemon[key]) for key in ("session_buffer", "daemon_buffer") if key in daemon}
     session_buffer = buffers.get("session_buffer", Config.session_buffer)
@@ -134,7 +147,7 @@ def parse(raw: dict) -> Config:
             "daemon.daemon_buffer", daemon.get("daemon_buffer"), f"must be at least session_buffer ({session_buffer})"
         )
 
-    physical = [_physical(i, p) for i, p in enumerate(_tables(raw, "physical"))]
+    physical = [_physical(i, p, policy, policy_options) for i, p in enumerate(_tables(raw, "physical"))]
     if not physical:
         raise ConfigError("physical", [], "at least one [[physical]] NPU is needed")
     _unique("physical", [p.name for p in physical])
@@ -142,7 +155,7 @@ def parse(raw: dict) -> Config:
     if not virtual:
         raise ConfigError("virtual", [], "at least one [[virtual]] NPU is needed")
     _unique("virtual", [v.name for v in virtual])
-    config = Config(physical, virtual, float(time_scale), policy, session_buffer, daemon_buffer)
+    config = Config(physical, virtual, float(time_scale), policy, policy_options, session_buffer, daemon_buffer)
     _check_quotas(config)
     return config
 
@@ -153,14 +166,15 @@ def build(config: Config, driver: str = "trio") -> Topology:
     units = {}
     for spec in config.physical:
         npu = _executor(spec)
-        runner = runner_cls(Engine(npu, make_policy(config.policy)), make_clock(config.time_scale))
-        units[spec.name] = PhysicalUnit(spec.name, npu, runner, config.policy)
+        policy = make_policy(spec.policy, **config.policy_options.get(spec.policy, {}))
+        runner = runner_cls(Engine(npu, policy), make_clock(config.time_scale))
+        units[spec.name] = PhysicalUnit(spec.name, npu, runner, spec.policy)
     virtual, ipc = [], IpcRegistry()  # IPC memory keys are the daemon's: any of its processes may import one
     for index, spec in enumerate(config.virtual):
         unit = units[spec.physical]
         quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
         virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode, ipc=ipc))
-    return Topology(list(units.values()), virtual, config.time_scale)
+    return Topology(list(units.values()), virtual, config.time_scale, config.policy_options)
 
 
 def _executor(spec: PhysicalSpec) -> Executor:
@@ -200,14 +214,15 @@ def _str(table: dict, key: str, where: str, default: str | None = None) -> str:
     return value
 
 
-def _physical(i: int, table: dict) -> PhysicalSpec:
+def _physical(i: int, table: dict, policy: str, policy_options: dict[str, dict]) -> PhysicalSpec:
     where = f"physical[{i}]."
-    _only(table, where, {"name", "backend", "chip", "mode", "module", "device"})
+    _only(table, where, {"name", "backend", "chip", "mode", "policy", "module", "device"})
     spec = PhysicalSpec(
         name=_str(table, "name", where),
         backend=_str(table, "backend", where, "emulated"),
         chip=_str(table, "chip", where, "910B2"),
         mode=_str(table, "mode", where, "numeric"),
+        policy=_str(table, "policy", where, policy),
         module=_str(table, "module", where, "acl"),
         device=table.get("device", 0),
     )
@@ -224,7 +239,36 @@ def _physical(i: int, table: dict) -> PhysicalSpec:
         raise ConfigError(where + "chip", spec.chip, f"unknown chip (have {', '.join(PROFILES)})")
     if spec.mode not in MODES:
         raise ConfigError(where + "mode", spec.mode, f"must be one of {', '.join(MODES)}")
+    key = where + "policy" if "policy" in table else "daemon.policy"  # where this NPU's policy was chosen
+    if spec.policy not in POLICIES:
+        raise ConfigError(key, spec.policy, f"must be one of {', '.join(POLICIES)}")
+    try:
+        make_policy(spec.policy, **policy_options.get(spec.policy, {})).check(profile(spec.chip))
+    except ValueError as exc:
+        raise ConfigError(key, spec.policy, f"on {spec.name}: {exc}") from None
     return spec
+
+
+def _policy_options(tables: object) -> dict[str, dict]:
+    """[policy.<name>] tables: each option one its policy's constructor takes, with a value it accepts."""
+    if not isinstance(tables, dict):
+        raise ConfigError("policy", tables, "must be tables of options per policy, such as [policy.flex]")
+    for name, table in tables.items():
+        if name not in POLICIES:
+            raise ConfigError(f"policy.{name}", table, f"no such policy (have {', '.join(POLICIES)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"policy.{name}", table, f"must be a table of {name}'s options ([policy.{name}])")
+        hints = typing.get_type_hints(POLICIES[name].__init__)
+        for key, value in table.items():
+            if key not in options(name):
+                known = ", ".join(options(name)) or "none"
+                raise ConfigError(f"policy.{name}.{key}", value, f"{name} has no such option (its options: {known})")
+            _policy_option(f"policy.{name}.{key}", value, hints[key])
+            try:
+                make_policy(name, **{key: value})
+            except ValueError as exc:
+                raise ConfigError(f"policy.{name}.{key}", value, str(exc)) from None
+    return tables
 
 
 def _virtual(i: int, table: dict, physical: set[str]) -> VirtualSpec:
@@ -249,6 +293,14 @@ def _virtual(i: int, table: dict, physical: set[str]) -> VirtualSpec:
         gid=gid,
         mode=_mode(where + "mode", table.get("mode", "0666")),
     )
+
+
+def _policy_option(key: str, value: object, hint: object) -> None:
+    """Options are counts and durations: an integer where the constructor takes an int (cores), else a number."""
+    integral = float not in (typing.get_args(hint) or (hint,))
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (integral and not isinstance(value, int)):
+        raise ConfigError(key, value, "must be an integer" if integral else "must be a number")
 
 
 def _size(key: str, value: object) -> int:

@@ -13,6 +13,7 @@ import structlog
 import trio
 
 from interposer.topology import Topology
+from vdevfs.channel import Channel
 from vdevfs.fs import STATUS_NAME, DeviceFS
 from vdevfs.limits import BufferLimits, keep_pieces_in_the_heap
 
@@ -96,7 +97,7 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str, limits
             nursery.cancel_scope.cancel()
     finally:
         for channel in list(fs.open_files.values()):
-            if not isinstance(channel, bytes):
+            if isinstance(channel, Channel):
                 channel.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted", mountpoint=str(mountpoint))

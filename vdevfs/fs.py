@@ -1,4 +1,4 @@
-"""The FUSE filesystem of device nodes: davinci0..N, the ancillary nodes containers expect, and `status`.
+"""The FUSE filesystem of device nodes: davinci0..N, the ancillary nodes containers expect, `status` and `control`.
 
 One open() of a device node is one session: frames come in by write(), replies go out by read(). Nodes are
 regular files opened with direct_io (no page cache, so every write and read reaches us, and big writes arrive
@@ -23,16 +23,19 @@ from interposer.translate import Translator, VersionOnly
 from npu.errors import FlexNPUError
 from vdevfs import access
 from vdevfs.channel import Channel
+from vdevfs.control import Control
 from vdevfs.limits import BufferAccount, BufferLimits, give_back_freed_memory
 
 log = structlog.get_logger()
 
 ROOT = pyfuse3.ROOT_INODE
 STATUS_INODE = ROOT + 1
+CONTROL_INODE = ROOT + 2
 ANCILLARY = ("davinci_manager", "devmm_svm", "hisi_hdc")
-FIRST_ANCILLARY_INODE = ROOT + 2
+FIRST_ANCILLARY_INODE = ROOT + 3
 FIRST_DEVICE_INODE = ROOT + 16
 STATUS_NAME = "status"
+CONTROL_NAME = "control"
 
 
 def fuse_handler(method):
@@ -60,13 +63,14 @@ class DeviceFS(pyfuse3.Operations):
         self.limits = limits
         self.info = info  # daemon facts for the status file: pid, mount point, config source
         self.started = time.time()
-        self.names: dict[bytes, int] = {STATUS_NAME.encode(): STATUS_INODE}
+        self.names: dict[bytes, int] = {STATUS_NAME.encode(): STATUS_INODE, CONTROL_NAME.encode(): CONTROL_INODE}
         self.names |= {n.encode(): FIRST_ANCILLARY_INODE + i for i, n in enumerate(ANCILLARY)}
         self.devices: dict[int, VirtualNPU] = {}
         for i, vdev in enumerate(topology.virtual):
             self.names[vdev.name.encode()] = FIRST_DEVICE_INODE + i
             self.devices[FIRST_DEVICE_INODE + i] = vdev
-        self.open_files: dict[int, Channel | bytes] = {}
+        self.open_files: dict[int, Channel | Control | bytes] = {}
+        self.owner = os.getuid(), os.getgid()  # of the control node: who runs the daemon may command it
         self._next_fh = 1
         self.spawn: Callable | None = None  # set by the daemon once its nursery is open
 
@@ -85,6 +89,9 @@ class DeviceFS(pyfuse3.Operations):
             attr.st_nlink = 2
         elif inode == STATUS_INODE:
             attr.st_mode = stat.S_IFREG | 0o444
+        elif inode == CONTROL_INODE:
+            attr.st_mode = stat.S_IFREG | 0o600
+            attr.st_uid, attr.st_gid = self.owner
         elif inode in self.devices:
             vdev = self.devices[inode]
             attr.st_mode = stat.S_IFREG | vdev.mode
@@ -126,7 +133,11 @@ class DeviceFS(pyfuse3.Operations):
         if inode == STATUS_INODE:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            content: Channel | bytes = self.status_bytes(ctx.uid, ctx.gid)
+            content: Channel | Control | bytes = self.status_bytes(ctx.uid, ctx.gid)
+        elif inode == CONTROL_INODE:
+            if ctx.uid not in (0, self.owner[0]):  # the kernel checks the mode first; this holds without it too
+                raise pyfuse3.FUSEError(errno.EACCES)
+            content = Control(self.topology, log.bind(pid=ctx.pid, uid=ctx.uid))
         elif inode in self.devices:
             vdev = self.devices[inode]
             translator = Translator(vdev, pid=ctx.pid)
@@ -144,9 +155,12 @@ class DeviceFS(pyfuse3.Operations):
     @fuse_handler
     async def write(self, fh, off, buf):
         channel = self.open_files.get(fh)
-        if not isinstance(channel, Channel):
+        if isinstance(channel, Control):
+            channel.write(buf)
+        elif isinstance(channel, Channel):
+            await channel.write(buf)
+        else:
             raise pyfuse3.FUSEError(errno.EBADF)
-        await channel.write(buf)
         return len(buf)
 
     @fuse_handler

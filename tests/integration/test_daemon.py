@@ -21,6 +21,7 @@ pytestmark = requires_mount
 def test_mount_holds_the_nodes_containers_expect(daemon):
     names = sorted(os.listdir(daemon.mount))
     assert names == [
+        "control",
         "davinci0",
         "davinci1",
         "davinci2",

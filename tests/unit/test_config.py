@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from scheduler.clock import VirtualClock
+from scheduler.flex import Flex
+from scheduler.policy import Fifo
 from scheduler.runner import SyncRunner
+from scheduler.static import Static
 from scheduler.stream import Phase
 from vdevfs import config
 from vdevfs.config import ConfigError
@@ -61,6 +64,9 @@ name = "davinci7"
 physical = "npu1"
 role = "any"
 """
+
+
+LAST = 'role = "any"'  # the file's last line: tables added after it
 
 
 def edited(old: str, new: str) -> str:
@@ -186,6 +192,37 @@ def test_quota_of_a_whole_chip_is_allowed(tmp_path):
     assert cfg.virtual[0].memory == 64 * GiB
 
 
+def test_each_physical_npu_runs_the_daemon_policy_unless_it_names_its_own(tmp_path):
+    text = edited('backend = "emulated"', 'backend = "emulated"\npolicy = "flex"')
+    text = text.replace(LAST, f"{LAST}\n\n[policy.flex]\ntpot_target_ms = 40\nlinger_ms = 5\n")
+    cfg = config.load(write(tmp_path, text))
+    assert [p.policy for p in cfg.physical] == ["fifo", "flex"]
+    assert cfg.policy_options == {"flex": {"tpot_target_ms": 40, "linger_ms": 5}}
+    topology = config.build(cfg, driver="sync")
+    npu0, npu1 = topology.physical
+    assert (npu0.policy, type(npu0.runner.engine.policy)) == ("fifo", Fifo)
+    assert (npu1.policy, type(npu1.runner.engine.policy)) == ("flex", Flex)
+    assert (npu1.runner.engine.policy.target, npu1.runner.engine.policy.linger) == (0.04, 0.005)
+    assert topology.policy_options == cfg.policy_options  # a switch at run time makes its policy with them too
+
+
+def test_options_of_the_daemon_policy_apply_to_every_npu_that_runs_it(tmp_path):
+    text = edited('policy = "fifo"', 'policy = "static"').replace(
+        LAST, f"{LAST}\n[policy.static]\nprefill_cores = 16\n"
+    )
+    topology = config.build(config.load(write(tmp_path, text)), driver="sync")
+    policies = [p.runner.engine.policy for p in topology.physical]
+    assert [(type(p), p.prefill_cores) for p in policies] == [(Static, 16), (Static, 16)]
+    assert [p.policy for p in topology.physical] == ["static", "static"]
+
+
+def test_a_policy_with_no_options_table_gets_its_defaults(tmp_path):
+    text = edited('backend = "emulated"', 'backend = "emulated"\npolicy = "static"')
+    topology = config.build(config.load(write(tmp_path, text)), driver="sync")
+    assert topology.physical[1].runner.engine.policy.prefill_cores is None  # half the chip
+    assert topology.policy_options == {}
+
+
 # -- each mistake names its key and its value ------------------------------------------------------------
 
 
@@ -233,6 +270,38 @@ BAD = [
     ("time-scale-nan", "time_scale = 0", "time_scale = nan", "daemon.time_scale", "nan"),
     ("time-scale-inf", "time_scale = 0", "time_scale = inf", "daemon.time_scale", "inf"),
     ("policy-unknown", 'policy = "fifo"', 'policy = "rr"', "daemon.policy", "rr"),
+    (
+        "physical-policy-unknown",
+        'backend = "emulated"',
+        'backend = "emulated"\npolicy = "rr"',
+        "physical[1].policy",
+        "rr",
+    ),
+    ("physical-policy-number", 'backend = "emulated"', 'backend = "emulated"\npolicy = 1', "physical[1].policy", "1"),
+    ("policy-not-tables", "[daemon]", 'policy = "flex"\n[daemon]', "policy", "flex"),
+    ("policy-unknown-table", LAST, f"{LAST}\n[policy.rr]\nquantum = 1", "policy.rr", "quantum"),
+    ("policy-table-not-a-table", LAST, f"{LAST}\n[policy]\nflex = 50", "policy.flex", "50"),
+    ("policy-unknown-option", LAST, f"{LAST}\n[policy.flex]\ntpot = 50", "policy.flex.tpot", "50"),
+    ("policy-fifo-option", LAST, f"{LAST}\n[policy.fifo]\nquantum = 1", "policy.fifo.quantum", "1"),
+    (
+        "option-cores-float",
+        LAST,
+        f"{LAST}\n[policy.static]\nprefill_cores = 12.5",
+        "policy.static.prefill_cores",
+        "12.5",
+    ),
+    (
+        "option-cores-string",
+        LAST,
+        f'{LAST}\n[policy.static]\nprefill_cores = "12"',
+        "policy.static.prefill_cores",
+        "'12'",
+    ),
+    ("option-cores-zero", LAST, f"{LAST}\n[policy.static]\nprefill_cores = 0", "policy.static.prefill_cores", "0"),
+    ("option-ms-string", LAST, f'{LAST}\n[policy.flex]\ntpot_target_ms = "fast"', "policy.flex.tpot_target_ms", "fast"),
+    ("option-ms-bool", LAST, f"{LAST}\n[policy.flex]\nlinger_ms = true", "policy.flex.linger_ms", "True"),
+    ("option-ms-nan", LAST, f"{LAST}\n[policy.flex]\ngap_ms = nan", "policy.flex.gap_ms", "nan"),
+    ("option-ms-zero", LAST, f"{LAST}\n[policy.flex]\ntpot_target_ms = 0", "policy.flex.tpot_target_ms", "0"),
     ("buffer-not-a-size", "time_scale = 0", 'time_scale = 0\nsession_buffer = "lots"', "daemon.session_buffer", "lots"),
     (
         "daemon-buffer-below-session",
@@ -256,6 +325,44 @@ def test_mistake_names_key_and_value(tmp_path, old, new, key, value):
     shown = message.split(f"{key} = ", 1)[1]
     values = value if isinstance(value, tuple) else (value,)
     assert any(v in shown for v in values), message
+
+
+@pytest.mark.parametrize(
+    ("new", "why"),
+    [
+        ('backend = "emulated"\npolicy = "rr"', "must be one of fifo, static, flex"),
+        (f"{LAST}\n[policy.rr]\nquantum = 1", "no such policy (have fifo, static, flex)"),
+        (
+            f"{LAST}\n[policy.flex]\ntpot = 50",
+            "flex has no such option (its options: tpot_target_ms, linger_ms, gap_ms)",
+        ),
+        (f"{LAST}\n[policy.fifo]\nquantum = 1", "fifo has no such option (its options: none)"),
+        (f"{LAST}\n[policy.static]\nprefill_cores = 12.5", "must be an integer"),
+        (f"{LAST}\n[policy.flex]\ngap_ms = nan", "must be a number"),
+        (f"{LAST}\n[policy.static]\nprefill_cores = 0", "prefill_cores must be at least 1, got 0"),
+    ],
+    ids=["policy", "policy-table", "option", "fifo-option", "integer", "number", "range"],
+)
+def test_policy_mistakes_say_what_is_valid(tmp_path, new, why):
+    old = LAST if new.startswith(LAST) else 'backend = "emulated"'
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, edited(old, new)))
+    assert str(info.value).endswith(why), info.value
+
+
+def test_options_that_leave_an_npus_chip_short_name_where_its_policy_was_chosen(tmp_path):
+    too_big = f"{LAST}\n[policy.static]\nprefill_cores = 22\n"  # npu0 (910B2) has 24 AI cores, npu1 (910B4) 20
+    named = edited('backend = "emulated"', 'backend = "emulated"\npolicy = "static"').replace(LAST, too_big)
+    by_default = edited('policy = "fifo"', 'policy = "static"').replace(LAST, too_big)
+    why = r"on npu1: static policy: prefill_cores 22 leaves decode no core of the 20 on 910B4 \(use 1-19\)"
+    with pytest.raises(ConfigError, match=rf"^config: physical\[1\]\.policy = 'static': {why}$"):
+        config.load(write(tmp_path, named))
+    with pytest.raises(ConfigError, match=rf"^config: daemon\.policy = 'static': {why}$"):
+        config.load(write(tmp_path, by_default))
+    # Options for a policy no NPU runs yet are checked against the chip when an NPU is switched to it.
+    assert config.load(write(tmp_path, VALID.replace(LAST, too_big))).policy_options == {
+        "static": {"prefill_cores": 22}
+    }
 
 
 def test_missing_physical_and_virtual_sections():
@@ -300,6 +407,7 @@ def run_vdevfsd(tmp_path: Path, config_path: Path) -> tuple[subprocess.Completed
 
 CLI_BAD = [
     ("policy", 'policy = "fifo"', 'policy = "rr"', ("daemon.policy", "'rr'")),
+    ("policy-option", LAST, f"{LAST}\n[policy.flex]\ntpot = 50", ("policy.flex.tpot", "tpot_target_ms, linger_ms")),
     ("quota", 'memory = "8GiB"', 'memory = "65GiB"', ("virtual[0].memory",)),
     ("name", 'name = "davinci1"', 'name = "gpu1"', ("virtual[1].name", "'gpu1'")),
     ("unknown-key", "[daemon]", "[daemon]\nspeed = 2", ("daemon.speed", "2")),
