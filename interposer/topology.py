@@ -22,12 +22,7 @@ class PhysicalUnit:
     def switch_policy(self, name: str, options: dict) -> None:
         """Run policy `name` from now on: queued work stays queued, in order; what runs finishes as it started.
         ValueError, and nothing changed, if its options do not fit this chip."""
-        policy = make_policy(name, **options)
-        policy.check(self.npu.profile)  # before the engine moves (set_policy checks too, after)
-        engine = self.runner.engine
-        engine.advance(self.runner.now())  # its first dispatch is at the present, not when the engine last moved
-        engine.set_policy(policy)
-        self.runner._kick()  # the daemon's driver re-plans its wait: the new policy may have started work
+        self.runner.set_policy(make_policy(name, **options))
         self.policy = name
 
 

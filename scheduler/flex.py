@@ -50,6 +50,8 @@ class Flex(Quiet):
     def __init__(self, tpot_target_ms: float = 50.0, linger_ms: float = 10.0, gap_ms: float = 0.1) -> None:
         if tpot_target_ms <= 0:
             raise ValueError(f"flex policy: tpot_target_ms must be > 0, got {tpot_target_ms}")
+        if linger_ms < 0 or gap_ms < 0:
+            raise ValueError(f"flex policy: linger_ms and gap_ms must be >= 0, got {linger_ms} and {gap_ms}")
         self.target = tpot_target_ms / 1e3
         self.linger = linger_ms / 1e3
         self.gap = gap_ms / 1e3

@@ -15,6 +15,7 @@ import trio
 from npu.errors import AclError, FlexNPUError
 from scheduler.clock import RealClock, VirtualClock
 from scheduler.engine import Engine
+from scheduler.policy import Policy
 from scheduler.stream import Entry
 
 BURST_S = 0.005
@@ -49,6 +50,13 @@ class Runner:
 
     def now(self) -> float:
         return self.clock.now()
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch the engine's policy now; ValueError, and nothing changed, if it cannot work on this chip."""
+        policy.check(self.engine.npu.profile)  # before the engine moves
+        self.engine.advance(self.clock.now())  # the new policy's first dispatch is at the present
+        self.engine.set_policy(policy)
+        self._kick()  # the daemon's driver re-plans its wait: the new policy may have started work
 
     def _kick(self) -> None:
         pass
