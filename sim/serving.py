@@ -37,6 +37,7 @@ from workloads.batching import (
     BlockPool,
     FinishReason,
     FirstToken,
+    NeverFits,
     Role,
     StepKind,
     StepPlan,
@@ -69,6 +70,10 @@ class SimSpec:
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
             raise ValueError(f"unknown deployment {self.deployment!r} (have {', '.join(DEPLOYMENTS)})")
+        if self.npus < 1:
+            raise ValueError(f"a deployment needs at least one NPU, got npus={self.npus}")
+        if self.prefill_npus and self.deployment != "disaggregated":
+            raise ValueError(f"prefill_npus={self.prefill_npus} applies only to the disaggregated deployment")
         if self.deployment == "disaggregated" and not 0 < self.prefill_chips < self.npus:
             raise ValueError(
                 f"disaggregated needs prefill and decode chips: {self.prefill_chips} prefill of {self.npus} NPUs"
@@ -193,9 +198,11 @@ class Simulation:
         engine = min(self.entries, key=lambda e: e.outstanding)
         engine.outstanding += 1
         try:
+            if engine.role is Role.PREFILL:  # its decode engine must be able to finish it
+                self._decoder(engine).batcher.check_fits(rid, r.prompt_tokens, r.max_tokens)
             engine.batcher.add(rid, r.prompt_tokens, r.max_tokens, self.now, ignore_eos=True)
-        except ValueError as exc:
-            r.error = str(exc)
+        except NeverFits as exc:  # refused, as the live server refuses it
+            r.error = exc.message
             engine.outstanding -= 1
             return
         self._wake(engine)

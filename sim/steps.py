@@ -36,6 +36,10 @@ class SimTask:
         pass
 
 
+def _repeats_attention(call: OpCall, before: OpCall | None) -> bool:
+    return call.op in ATTENTION and before is not None and before.op in ATTENTION
+
+
 def _cost(call: OpCall) -> Cost:
     return bind(call.op, [t.spec for t in call.ins], [t.spec for t in call.outs], call.attrs).cost
 
@@ -59,15 +63,19 @@ class StepCosts:
             shape = self._shape(Decode((1,) * len(lens), self.max_blocks))
             return self._assemble(shape, self._attention(Decode(lens, self.max_blocks)))
         prompts = tuple(e.start + e.num_tokens for e in plan.entries)  # whole prompts (and recomputed context)
-        return self._assemble(self._shape(Prefill((sum(prompts),))), self._attention(Prefill(prompts)))
+        shape = self._shape(Prefill((sum(prompts) - len(prompts) + 1,) + (1,) * (len(prompts) - 1)))
+        return self._assemble(shape, self._attention(Prefill(prompts)))
 
     def _shape(self, step: Prefill | Decode) -> tuple[list[SimTask], list[SimTask], list[SimTask]]:
         """(the ops before the layers, a layer's ops folded, the ops after); attention is left as a slot (its
         cost depends on the lengths). Every layer is costed as the second is: the first differs only in adding
-        no residual into its first norm. Kept per batch shape."""
-        key = (type(step), step.tokens)
+        no residual into its first norm. Kept per batch shape: tokens and requests (what the GEMMs and the
+        sampling ops depend on)."""
+        key = (type(step), step.tokens, step.batch)
         if key not in self._shapes:
-            two = forward(replace(self.config, num_hidden_layers=2), self.cache, step)
+            calls = forward(replace(self.config, num_hidden_layers=2), self.cache, step)
+            # One attention slot per layer, however many prompts (a prefill has one attention call per prompt).
+            two = [c for c, before in zip(calls, [None, *calls], strict=False) if not _repeats_attention(c, before)]
             layer = self.pre + self.per_layer
             parts = two[: self.pre], two[layer : layer + self.per_layer], two[layer + self.per_layer :]
             fold = (1, self.fold, 1)

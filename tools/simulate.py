@@ -46,7 +46,7 @@ def _options(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
     for value in values:
         key, _, number = value.partition("=")
         try:
-            pairs.append((key, float(number)))
+            pairs.append((key, int(number) if number.strip().lstrip("-").isdigit() else float(number)))
         except ValueError:
             raise click.BadParameter(f"{value!r}: a policy option is NAME=NUMBER, e.g. tpot_target_ms=45") from None
     return tuple(pairs)
@@ -56,11 +56,11 @@ def _options(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--model", default="qwen2.5-7b", show_default=True, help="A built-in model or a HF config.json.")
 @click.option("--chip", type=click.Choice(list(PROFILES)), default="910B2", show_default=True)
 @click.option("--deployment", type=click.Choice(DEPLOYMENTS), default="colocated", show_default=True)
-@click.option("--npus", type=int, default=1, show_default=True, help="Physical NPUs.")
+@click.option("--npus", type=click.IntRange(min=1), default=1, show_default=True, help="Physical NPUs.")
 @click.option("--prefill-npus", type=int, default=0, help="disaggregated: NPUs of prefill engines (default half).")
 @click.option("--policy", type=click.Choice(list(POLICIES)), default="flex", show_default=True)
 @click.option("--option", "options", multiple=True, help="A policy option NAME=NUMBER (repeatable).")
-@click.option("--rate", type=float, default=4.0, show_default=True, help="Requests per second per NPU (inf: a burst).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Requests per second per NPU (inf: a burst).")
 @click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds of arrivals (modeled).")
 @click.option("--lengths", default="conversation", show_default=True, help="conversation, code, or PROMPT,OUTPUT.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -112,7 +112,8 @@ def command(
         raise click.ClickException(str(exc)) from None
     summary = outcome.summary(DEFAULT_SLO)
     label = f"{deployment} {policy} x{npus}"
-    run = summary | {"settings": {"rate": total, "num_requests": count, "slo": DEFAULT_SLO.__dict__}}
+    rate_out = total if math.isfinite(total) else "inf"  # as the load generator writes it: JSON has no infinity
+    run = summary | {"settings": {"rate": rate_out, "num_requests": count, "slo": DEFAULT_SLO.__dict__}}
     click.echo(render({label: run}))
     click.echo(
         f"{outcome.duration_s:.1f} modeled s in {outcome.wall_s:.1f} s wall "

@@ -439,6 +439,22 @@ class Batcher:
         events.append(Finished(request.id, reason, now, request.arrival, first, request.output, handover))
         return events
 
+    def check_fits(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise NeverFits if the request could never run here, whatever else finishes (a coordinator asks the
+        decode instance before its prefill instance takes a request)."""
+        cfg = self.config
+        if prompt_tokens + max_tokens > cfg.max_model_len:
+            raise NeverFits(
+                f"request {request_id}: {prompt_tokens} prompt + {max_tokens} max tokens exceed the model's "
+                f"context of {cfg.max_model_len} tokens; shorten the prompt or lower max_tokens"
+            )
+        kv_tokens = prompt_tokens if cfg.role is Role.PREFILL else prompt_tokens + max_tokens
+        if self._blocks_for(kv_tokens) > cfg.num_blocks:
+            raise NeverFits(
+                f"request {request_id}: {kv_tokens} tokens need {self._blocks_for(kv_tokens)} KV blocks of "
+                f"{cfg.block_size}, the cache has {cfg.num_blocks} in all; shorten the prompt or lower max_tokens"
+            )
+
     # -- observability -----------------------------------------------------------------------------------
 
     def stats(self) -> Stats:
@@ -469,16 +485,5 @@ class Batcher:
             raise InvalidParam(
                 f"request {request_id}: prompt_tokens ({prompt_tokens}) and max_tokens ({max_tokens}) must be >= 1"
             )
-        cfg = self.config
-        if prompt_tokens + max_tokens > cfg.max_model_len:
-            raise NeverFits(
-                f"request {request_id}: {prompt_tokens} prompt + {max_tokens} max tokens exceed the model's "
-                f"context of {cfg.max_model_len} tokens; shorten the prompt or lower max_tokens"
-            )
-        kv_tokens = prompt_tokens if cfg.role is Role.PREFILL else prompt_tokens + max_tokens
-        if self._blocks_for(kv_tokens) > cfg.num_blocks:
-            raise NeverFits(
-                f"request {request_id}: {kv_tokens} tokens need {self._blocks_for(kv_tokens)} KV blocks of "
-                f"{cfg.block_size}, the cache has {cfg.num_blocks} in all; shorten the prompt or lower max_tokens"
-            )
+        self.check_fits(request_id, prompt_tokens, max_tokens)
         self._tick(now)

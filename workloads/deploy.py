@@ -78,7 +78,7 @@ class ServeSpec:
             num_blocks=int(kv_bytes // block_bytes),
             block_size=block_size,
             max_num_seqs=64,
-            max_model_len=8192,
+            max_model_len=min(8192, config.max_position_embeddings),
             timing=True,
         )
         return replace(defaults, **changes)
@@ -142,6 +142,8 @@ class Deployment:
             raise EngineError(self.entry.dead)
         send, receive = trio.open_memory_channel(math.inf)
         try:
+            if self.decode is not None:  # the decode instance must be able to finish it
+                self.decode.batcher.check_fits(request_id, len(prompt), max_tokens)
             self.entry.batcher.add(request_id, len(prompt), max_tokens, trio.current_time(), ignore_eos)
         except NeverFits as exc:
             raise RequestRejected(exc.message) from None

@@ -156,12 +156,6 @@ def test_a_fold_1_prefill_step_has_one_prompt_flash_attention_per_prompt_per_lay
     assert [t.price for t in attention] == per_prompt * QWEN.num_hidden_layers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StepCosts costs a prefill step's ops after the last layer (last-token GatherV2, LM head MatMulV2, "
-    "ArgMaxV2) from a one-prompt pass of the step's total tokens (its shape key), so they are charged for one "
-    "sampled row however many prompts the step samples",
-)
 def test_a_prefill_steps_sampling_ops_are_costed_for_every_prompt():
     prompts = (30, 120, 64)
     tasks = StepCosts(QWEN, CACHE, MAX_BLOCKS, fold=1).tasks(prefill_plan(prompts))
@@ -452,15 +446,16 @@ def test_a_timeline_has_chip_0s_kernels_of_both_phases_within_the_run():
 
 
 def test_summary_counts_tokens_generated_while_requests_arrived():
-    """Arrivals end at 2 s (the window). The first request's 5 tokens spread over [1, 3] s: 1 + 4 * 1/2 tokens
-    fall in the window; the second's first token comes after it; the failed one counts for nothing."""
+    """Arrivals end at 2 s; the window is their last three quarters, [0.5, 2] s. The first request's first token
+    (at 1 s) and 2 of its other 4 (spread over [1, 3] s) fall in it; the second's first token comes after it; the
+    failed one counts for nothing: 3 tokens in 1.5 s."""
     results = [
         RequestResult(10, 5, 0.0, output_tokens=5, ttft_s=1.0, tpot_s=0.5, e2e_s=3.0),
         RequestResult(10, 3, 2.0, output_tokens=3, ttft_s=0.5, tpot_s=0.5, e2e_s=1.5),
         RequestResult(10, 3, 1.0, error="refused"),
     ]
     summary = Outcome(results, duration_s=3.5, wall_s=0.1).summary()
-    assert summary["sustained_tokens_per_s"] == pytest.approx(3 / 2)
+    assert summary["sustained_tokens_per_s"] == pytest.approx(3 / 1.5)
     assert (summary["completed"], summary["failed"], summary["wall_s"]) == (2, 1, 0.1)
     # A burst (every request sent at 0) has no arrival window: no sustained rate, and no division by zero.
     burst = [dataclasses.replace(r, sent_s=0.0) for r in results[:2]]
@@ -468,13 +463,6 @@ def test_summary_counts_tokens_generated_while_requests_arrived():
 
 
 @pytest.mark.parametrize(("deployment", "npus", "changes"), DEPLOYMENTS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request the KV cache can never hold raises NeverFits out of Simulation.run: _arrive catches "
-    "ValueError, but NeverFits is an InvalidParam (a FlexNPUError, not a ValueError); co-located and "
-    "disaggregated, the prefill engine checks only the prompt, and the decode engine's add_prefilled raises it "
-    "uncaught at the handover",
-)
 def test_a_request_that_can_never_fit_fails_alone(deployment, npus, changes):
     """8 blocks of 16 tokens hold 128: a 100 + 100-token request can never run. As the live server refuses it
     (NeverFits -> RequestRejected), the simulation records it as failed and serves the rest."""
@@ -485,9 +473,6 @@ def test_a_request_that_can_never_fit_fails_alone(deployment, npus, changes):
     check_drained(sim)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="SimSpec accepts npus=0; the run then fails in the router with 'min() arg is an empty sequence'"
-)
 def test_no_npus_is_refused_by_name():
     with pytest.raises(ValueError, match="npus"):
         SimSpec(QWEN, CHIP, "colocated", npus=0)
@@ -598,11 +583,6 @@ def test_cli_refuses_a_bad_config_json_by_name(tmp_path, config, message):
 
 
 @pytest.mark.parametrize("args", [("--rate", "0"), ("--npus", "0")], ids=["rate-0", "npus-0"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="no check on --rate or --npus: a total rate of 0 reaches arrival_times' 1 / rate (ZeroDivisionError, a "
-    "traceback); --npus 0 makes the rate 0 too",
-)
 def test_cli_refuses_a_zero_rate_or_no_npus_by_name(args):
     result = simulate_cli("--duration", "1", "--fold", "28", *args)
     assert result.exit_code != 0
@@ -610,11 +590,6 @@ def test_cli_refuses_a_zero_rate_or_no_npus_by_name(args):
     assert args[0].removeprefix("--") in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request the KV cache can never hold raises NeverFits out of the simulation (see "
-    "test_a_request_that_can_never_fit_fails_alone): the CLI shows a traceback",
-)
 def test_cli_counts_requests_the_kv_cache_can_never_hold_as_failed(tmp_path):
     """A 13B-class fp16 Llama leaves 46 KV blocks of 128 tokens (5,888) on a 32 GiB virtual NPU: a 5,000-token
     prompt fits its prefill, but with 1,000 tokens to generate it can never be decoded."""
@@ -633,11 +608,6 @@ def test_cli_counts_requests_the_kv_cache_can_never_hold_as_failed(tmp_path):
     assert re.search(r"colocated flex x1\s+4\.0\s+0/4\s", result.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--json writes a burst's rate as the bare token Infinity, which is not JSON; the load generator's own "
-    'results write it as "inf"',
-)
 def test_cli_json_of_a_burst_is_strict_json(tmp_path):
     out = tmp_path / "burst.json"
     result = simulate_cli("--rate", "inf", "--duration", "2", "--fold", "28", "--json", str(out))
@@ -650,11 +620,6 @@ def test_cli_json_of_a_burst_is_strict_json(tmp_path):
     assert run["settings"]["rate"] == "inf"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ServeSpec.for_model sizes every config but 'tiny' with max_model_len 8192, whatever the model's "
-    "max_position_embeddings: a 2048-position model is simulated serving 8192-token contexts",
-)
 def test_cli_never_simulates_a_context_longer_than_the_models(tmp_path):
     out = tmp_path / "run.json"
     config = llama_config(tmp_path, max_position_embeddings=2048)
