@@ -60,7 +60,13 @@ def _options(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--prefill-npus", type=int, default=0, help="disaggregated: NPUs of prefill engines (default half).")
 @click.option("--policy", type=click.Choice(list(POLICIES)), default="flex", show_default=True)
 @click.option("--option", "options", multiple=True, help="A policy option NAME=NUMBER (repeatable).")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Requests per second per NPU (inf: a burst).")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="Requests per second per NPU (inf: a burst).",
+)
 @click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds of arrivals (modeled).")
 @click.option("--lengths", default="conversation", show_default=True, help="conversation, code, or PROMPT,OUTPUT.")
 @click.option("--seed", type=int, default=0, show_default=True)
