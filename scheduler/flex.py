@@ -31,6 +31,7 @@ serving engine's host time per step.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 
 from npu.tasks import Unit
@@ -38,6 +39,8 @@ from scheduler.policy import Cores, Dispatch, Quiet
 from scheduler.static import PREFILL_SIDE
 from scheduler.stream import Phase, Stream
 
+DECODE_SIDE = (Phase.DECODE,)
+ARRIVAL = operator.attrgetter("arrival")
 MIN_DECODE = 1  # AI cores decode always keeps while active
 MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
 SMOOTHING = 0.05  # weight of the latest step in the moving average of steps (about the last 20)
@@ -67,11 +70,14 @@ class Flex(Quiet):
             self.reserve, self.ai_cores = chip.ai_cores // 2, chip.ai_cores
         ratio = chip.vector_cores // chip.ai_cores
         cores = Cores.of(running, chip)
-        decode = sorted((e for e in ready if e.phase is Phase.DECODE), key=lambda e: e.arrival)
-        prefill = sorted((e for e in ready if e.phase is not Phase.DECODE), key=lambda e: e.arrival)
+        decode, prefill = [], []
+        for entry in ready:
+            (decode if entry.phase is Phase.DECODE else prefill).append(entry)
+        decode.sort(key=ARRIVAL)
+        prefill.sort(key=ARRIVAL)
         for entry in decode:
             self._step_begins(entry.stream, now)
-        decoding = bool(decode) or cores.used((Phase.DECODE,)) != (0, 0)
+        decoding = bool(decode) or cores.used(DECODE_SIDE) != (0, 0)
         if decoding:
             self.last_decode = now
         active = now - self.last_decode <= self.linger
@@ -86,11 +92,11 @@ class Flex(Quiet):
             if entry.task.cost().unit is Unit.DMA:  # a copy holds no core: nothing to wait for
                 chosen.append(Dispatch(entry, cap[0] or 1, cap[1] or 1))
                 continue
-            used_c, used_v = cores.used((Phase.DECODE,))
+            used_c, used_v = cores.used(DECODE_SIDE)
             all_c, all_v = cores.used()
             cube = max(1, min(cap[0] - used_c, chip.ai_cores - all_c))
             vector = max(1, min(cap[1] - used_v, chip.vector_cores - all_v))
-            if blocked or not cores.fits(entry, cube, vector, (Phase.DECODE,), cap):
+            if blocked or not cores.fits(entry, cube, vector, DECODE_SIDE, cap):
                 blocked = True
                 continue
             cores.take(entry, cube, vector)

@@ -167,10 +167,11 @@ def scale(seconds: float, npus: int, rate_per_npu: float) -> dict:
 
 
 def timelines(rate: float, seconds: float, window: tuple[float, float]) -> dict:
-    """Cube cores held per phase on chip 0, in 1 ms bins over `window` (modeled s), per co-location policy."""
+    """Cube cores held per phase on chip 0, in 1 ms bins over `window` (modeled s), per co-location policy; layers
+    not folded, so every kernel shows."""
     out = {}
     for label in ("fifo co-location", STATIC, FLEX):
-        outcome = simulate(spec(label, npus=1), _workload(rate, 1, seconds), timeline=True)
+        outcome = simulate(spec(label, npus=1, fold=1), _workload(rate, 1, seconds), timeline=True)
         t0, t1 = window
         bins = np.arange(t0, t1, 1e-3)
         held = {}
@@ -187,7 +188,8 @@ def timelines(rate: float, seconds: float, window: tuple[float, float]) -> dict:
 
 
 def live(quick: bool) -> dict:
-    """The co-location policies through the daemon: the same engines in real processes, paced in real time."""
+    """Each setup through the daemon on one physical NPU (disaggregation: one prefill and one decode NPU): the same
+    engines in real processes, paced in real time at SERVE_TIME_SCALE."""
     import trio
 
     from tools.bench_serve import SERVE_TIME_SCALE, _serve_and_load
@@ -195,18 +197,20 @@ def live(quick: bool) -> dict:
     rates, n = ([4.0], 8) if quick else ([4.0, 8.0], 24)
     lengths = Lengths(CONVERSATION.prompt, Length(211, 163, 64))  # outputs capped to keep the run in minutes
     runs = {}
-    for policy, options in (("fifo", {}), ("static", {}), ("flex", {"tpot_target_ms": FLEX_TARGET_MS})):
-        serve = ServeSpec.for_model(MODEL, time_scale=SERVE_TIME_SCALE, policy=policy, policy_options=options)
-        for label, run in trio.run(_serve_and_load, "colocated", serve, rates, n, lengths, DEFAULT_SLO).items():
-            runs[f"{label} {policy}"] = {k: v for k, v in run.items() if k != "requests"}
+    for label, (deployment, policy, options) in SETUPS.items():
+        serve = ServeSpec.for_model(MODEL, time_scale=SERVE_TIME_SCALE, policy=policy, policy_options=dict(options))
+        for rate, run in zip(
+            rates, trio.run(_serve_and_load, deployment, serve, rates, n, lengths, DEFAULT_SLO).values(), strict=True
+        ):
+            runs[f"{label} @ {rate:g}/s"] = {k: v for k, v in run.items() if k != "requests"}
     return {"time_scale": SERVE_TIME_SCALE, "requests_per_rate": n, "runs": runs}
 
 
 def run(quick: bool = False) -> dict:
     if quick:
-        rates, seconds, hi = [2.0, 4.0, 6.0], 40.0, 6.0
+        rates, seconds, hi = [3.0, 6.0], 30.0, 6.0
     else:
-        rates, seconds, hi = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 120.0, 8.0
+        rates, seconds, hi = [float(r) for r in range(1, 11)], 120.0, 8.0
     ratio = pd_ratio(hi, seconds)
     prefill_npus = int(ratio["chosen"].split(":")[0])
     runs = sweep(rates, seconds, prefill_npus)
@@ -226,7 +230,7 @@ def run(quick: bool = False) -> dict:
         "near_static_saturation": near,
         "sensitivity": sensitivity(sorted({near, rates[len(rates) // 2]}), seconds, prefill_npus, quick),
         "fold_check": fold_check(float(near), seconds / 2),
-        "timeline": timelines(float(near), 20.0, (10.0, 12.0)),
+        "timeline": timelines(float(near), 15.0, (10.0, 11.0)),
         "live": live(quick),
     }
     if not quick:
@@ -346,8 +350,8 @@ def render(r: dict) -> str:
     lv = r["live"]
     out += [
         "",
-        f"Live through the daemon (co-located engines on one chip, time_scale {lv['time_scale']}, "
-        f"{lv['requests_per_rate']} requests per rate, outputs capped at 64; modeled time):",
+        f"Live through the daemon (one chip per setup, two disaggregated; time_scale {lv['time_scale']}, "
+        f"{lv['requests_per_rate']} requests per rate, outputs capped at 64; rates per modeled s):",
         _runs_table({k: {"": v | {"wall_s": 0.0}} for k, v in lv["runs"].items()}),
         "",
         "plots: " + ", ".join(r["plots"]),
