@@ -28,6 +28,7 @@ from npu.errors import OutOfMemory
 from npu.profiles import ChipProfile
 from npu.tasks import Cost, Unit
 from scheduler.engine import Engine
+from scheduler.phase import declare
 from scheduler.policies import make_policy
 from scheduler.stream import Phase, PhaseSource, Stream, TaskEntry
 from sim.steps import SimTask, StepCosts
@@ -125,9 +126,8 @@ class Simulation:
     # -- building ---------------------------------------------------------------------------------------------
 
     def _chip(self, i: int) -> Engine:
-        options = dict(self.spec.policy_options)
-        engine = Engine(EmulatedNPU(f"npu{i}", self.spec.chip, "timing"), make_policy(self.spec.policy, **options))
-        return engine
+        policy = make_policy(self.spec.policy, **dict(self.spec.policy_options))
+        return Engine(EmulatedNPU(f"npu{i}", self.spec.chip, "timing"), policy)
 
     def _batching(self, role: Role) -> BatchingConfig:
         s = self.spec
@@ -143,8 +143,7 @@ class Simulation:
 
     def _engine(self, name: str, role: Role, chip: Engine, phase: Phase, pool: BlockPool | None = None) -> _Engine:
         stream = Stream()
-        if phase is not Phase.UNKNOWN:
-            stream.phase, stream.phase_from = phase, PhaseSource.ROLE
+        declare(stream, phase, PhaseSource.ROLE)  # as a virtual NPU's role in the config does
         chip.add_stream(stream)
         return _Engine(name, role, Batcher(self._batching(role), pool), chip, stream)
 
