@@ -36,10 +36,8 @@ import weakref
 
 from npu.tasks import Unit
 from scheduler.policy import Cores, Dispatch, Quiet
-from scheduler.static import PREFILL_SIDE
 from scheduler.stream import Phase, Stream
 
-DECODE_SIDE = (Phase.DECODE,)
 ARRIVAL = operator.attrgetter("arrival")
 MIN_DECODE = 1  # AI cores decode always keeps while active
 MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
@@ -77,11 +75,11 @@ class Flex(Quiet):
         prefill.sort(key=ARRIVAL)
         for entry in decode:
             self._step_begins(entry.stream, now)
-        decoding = bool(decode) or cores.used(DECODE_SIDE) != (0, 0)
+        decoding = bool(decode) or cores.decode != [0, 0]
         if decoding:
             self.last_decode = now
         active = now - self.last_decode <= self.linger
-        prefill_busy = bool(prefill) or cores.used(PREFILL_SIDE) != (0, 0)
+        prefill_busy = bool(prefill) or cores.rest != [0, 0]
         self.contended |= decoding and prefill_busy
         reserve = self.reserve if active else 0
 
@@ -92,22 +90,18 @@ class Flex(Quiet):
             if entry.task.cost().unit is Unit.DMA:  # a copy holds no core: nothing to wait for
                 chosen.append(Dispatch(entry, cap[0] or 1, cap[1] or 1))
                 continue
-            used_c, used_v = cores.used(DECODE_SIDE)
-            all_c, all_v = cores.used()
-            cube = max(1, min(cap[0] - used_c, chip.ai_cores - all_c))
-            vector = max(1, min(cap[1] - used_v, chip.vector_cores - all_v))
-            if blocked or not cores.fits(entry, cube, vector, DECODE_SIDE, cap):
+            (dc, dv), (rc, rv) = cores.decode, cores.rest
+            cube = max(1, min(cap[0] - dc, chip.ai_cores - dc - rc))
+            vector = max(1, min(cap[1] - dv, chip.vector_cores - dv - rv))
+            if blocked or not cores.claim(entry, cube, vector, cap):
                 blocked = True
                 continue
-            cores.take(entry, cube, vector)
             chosen.append(Dispatch(entry, cube, vector))
         cap = (chip.ai_cores - reserve, chip.vector_cores - reserve * ratio)
         blocked = False
         for entry in prefill:
-            if entry.task.cost().unit is Unit.DMA:
-                chosen.append(Dispatch(entry, *cap))
-            elif not blocked and cores.fits(entry, *cap, PREFILL_SIDE, cap):
-                cores.take(entry, *cap)
+            copy = entry.task.cost().unit is Unit.DMA
+            if copy or (not blocked and cores.claim(entry, *cap, cap)):
                 chosen.append(Dispatch(entry, *cap))
             else:
                 blocked = True

@@ -5,7 +5,7 @@ It never sees time sources, transports or threads, so the daemon, the simulator 
 Its lever is Ascend's own: a core limit per launch (what `aclrtSetStreamResLimit` sets, and what the pyacl
 backend applies on real hardware). A kernel launches with one block per core it may use (at most its tiles),
 and a block holds its core until it is done: so a policy that wants a kernel to start at once dispatches it
-only when all of its blocks fit on free cores (Cores.fits), or the kernel's blocks would wait on the chip
+only when all of its blocks fit on free cores (Cores.claim), or the kernel's blocks would wait on the chip
 behind earlier ones — the head-of-line blocking that fifo shows.
 """
 
@@ -52,58 +52,53 @@ class Policy(Protocol):
 
 
 class Cores:
-    """Cores held on a chip, per phase: each running kernel holds its block count of its kind's cores."""
+    """Cores held on a chip by each side — decode, and everything else (prefill and unknown phases) — counting
+    each running kernel's blocks times the cores one block holds."""
 
-    __slots__ = ("chip", "held")
+    __slots__ = ("chip", "decode", "rest")
 
-    def __init__(self, chip: ChipProfile, held: dict[Phase, list[int]]) -> None:
+    def __init__(self, chip: ChipProfile, decode: list[int], rest: list[int]) -> None:
         self.chip = chip
-        self.held = held
+        self.decode = decode  # [cube, vector]
+        self.rest = rest
 
     @classmethod
     def of(cls, running: list[TaskEntry], chip: ChipProfile) -> Cores:
-        held = {phase: [0, 0] for phase in Phase}
+        decode, rest = [0, 0], [0, 0]
         for entry in running:
             cube, vector = entry.task.cost().needs
             blocks = entry.job.blocks
-            counts = held[entry.phase]
-            counts[0] += cube * blocks
-            counts[1] += vector * blocks
-        return cls(chip, held)
+            side = decode if entry.phase is Phase.DECODE else rest
+            side[0] += cube * blocks
+            side[1] += vector * blocks
+        return cls(chip, decode, rest)
 
     def used(self, phases: tuple[Phase, ...] = ALL) -> tuple[int, int]:
-        cube = vector = 0
-        for phase in phases:
-            c, v = self.held[phase]
-            cube += c
-            vector += v
-        return cube, vector
+        """(cube, vector) held by `phases`: the decode side, the rest, or all."""
+        sides = [self.decode] * (Phase.DECODE in phases) + [self.rest] * any(p is not Phase.DECODE for p in phases)
+        return sum(s[0] for s in sides), sum(s[1] for s in sides)
 
-    def fits(self, entry: TaskEntry, cube: int, vector: int, phases: tuple[Phase, ...], cap: tuple[int, int]) -> bool:
-        """Whether `entry`, launched with these limits, has every block on a free core at once, the cores of
-        `phases` staying within `cap` (cube, vector)."""
+    def claim(self, entry: TaskEntry, cube: int, vector: int, cap: tuple[int, int]) -> bool:
+        """If `entry`, launched with these limits, has every block on a free core at once, its side staying within
+        `cap` (cube, vector): count its blocks as held and say yes. A copy holds no core: always yes."""
         cost = entry.task.cost()
         blocks = cost.block_dim(cube, vector)
         if not blocks:
-            return True  # a copy holds no core
+            return True
         need_c, need_v = cost.needs
         need_c, need_v = need_c * blocks, need_v * blocks
-        used_c, used_v = self.used(phases)
-        all_c, all_v = self.used()
-        return (
-            used_c + need_c <= cap[0]
-            and used_v + need_v <= cap[1]
-            and all_c + need_c <= self.chip.ai_cores
-            and all_v + need_v <= self.chip.vector_cores
-        )
-
-    def take(self, entry: TaskEntry, cube: int, vector: int) -> None:
-        """Count `entry`'s blocks as held (it was just dispatched with these limits)."""
-        cost = entry.task.cost()
-        blocks = cost.block_dim(cube, vector)
-        counts = self.held[entry.phase]
-        counts[0] += cost.needs[0] * blocks
-        counts[1] += cost.needs[1] * blocks
+        side = self.decode if entry.phase is Phase.DECODE else self.rest
+        other = self.rest if side is self.decode else self.decode
+        if (
+            side[0] + need_c > cap[0]
+            or side[1] + need_v > cap[1]
+            or side[0] + other[0] + need_c > self.chip.ai_cores
+            or side[1] + other[1] + need_v > self.chip.vector_cores
+        ):
+            return False
+        side[0] += need_c
+        side[1] += need_v
+        return True
 
 
 class Quiet:

@@ -47,10 +47,8 @@ class Static(Quiet):
         for side, (cube, vector) in self.partitions(chip).items():
             blocked = False  # in order within the partition: a later kernel does not overtake one that waits
             for entry in sorted((e for e in ready if e.phase in side), key=lambda e: e.arrival):
-                if entry.task.cost().unit is Unit.DMA:  # a copy holds no core: it never waits for one
-                    chosen.append(Dispatch(entry, cube, vector))
-                elif not blocked and cores.fits(entry, cube, vector, side, (cube, vector)):
-                    cores.take(entry, cube, vector)
+                copy = entry.task.cost().unit is Unit.DMA  # a copy holds no core: it never waits for one
+                if copy or (not blocked and cores.claim(entry, cube, vector, (cube, vector))):
                     chosen.append(Dispatch(entry, cube, vector))
                 else:
                     blocked = True
