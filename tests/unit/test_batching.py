@@ -392,16 +392,18 @@ def test_random_workloads_never_leak_blocks_and_every_request_ends(
         rid = f"r{n}"
         if op[0] == "add":
             _, prompt, max_tokens, ignore_eos = op
+            if role is Role.DECODE:
+                max_tokens = max(max_tokens, 2)  # a handed-over request has its first token and more to come
             try:
                 if role is Role.DECODE:
-                    b.add_prefilled(rid, prompt, 1, max(max_tokens, 2), now, ignore_eos)
+                    b.add_prefilled(rid, prompt, 1, max_tokens, now, ignore_eos)
                 else:
                     b.add(rid, prompt, max_tokens, now, ignore_eos)
             except NeverFits:
                 assert (
                     prompt + max_tokens > max_model_len
                     or -(-prompt // block_size) > num_blocks
-                    or (role is not Role.PREFILL and -(-(prompt + max(max_tokens, 2)) // block_size) > num_blocks)
+                    or (role is not Role.PREFILL and -(-(prompt + max_tokens) // block_size) > num_blocks)
                 )
                 continue
             except OutOfMemory:
