@@ -27,9 +27,6 @@ class Dispatch:
     vector: int
 
 
-ALL = tuple(Phase)
-
-
 class Policy(Protocol):
     name: str
 
@@ -72,11 +69,6 @@ class Cores:
             side[0] += cube * blocks
             side[1] += vector * blocks
         return cls(chip, decode, rest)
-
-    def used(self, phases: tuple[Phase, ...] = ALL) -> tuple[int, int]:
-        """(cube, vector) held by `phases`: the decode side, the rest, or all."""
-        sides = [self.decode] * (Phase.DECODE in phases) + [self.rest] * any(p is not Phase.DECODE for p in phases)
-        return sum(s[0] for s in sides), sum(s[1] for s in sides)
 
     def claim(self, entry: TaskEntry, cube: int, vector: int, cap: tuple[int, int]) -> bool:
         """If `entry`, launched with these limits, has every block on a free core at once, its side staying within

@@ -113,7 +113,10 @@ class Rig:
         return [run.job.owner for run in self.npu.timing.waiting]
 
     def held(self, phases: tuple[Phase, ...]) -> tuple[int, int]:
-        return Cores.of(self.engine.running, B2).used(phases)
+        """(cube, vector) cores held by the running kernels of `phases`: a side, or both."""
+        cores = Cores.of(self.engine.running, B2)
+        sides = [cores.decode] * (Phase.DECODE in phases) + [cores.rest] * any(p is not Phase.DECODE for p in phases)
+        return sum(s[0] for s in sides), sum(s[1] for s in sides)
 
 
 def assert_no_block_waits(rig: Rig) -> None:
