@@ -8,6 +8,7 @@ from interposer.handles import AddressSpace
 from interposer.ipc import IpcRegistry
 from npu.executor import Executor
 from scheduler.policies import make_policy
+from scheduler.policy import Cores
 from scheduler.runner import Runner
 from scheduler.stream import Phase
 
@@ -18,6 +19,11 @@ class PhysicalUnit:
     npu: Executor
     runner: Runner
     policy: str  # the name of the policy its engine runs
+
+    def cores(self) -> dict:
+        """AI cores the kernels on the chip hold now, by side: decode, and the rest (prefill and unknown)."""
+        held = Cores.of(self.runner.engine.running, self.npu.profile)
+        return {"decode": held.decode[0], "prefill": held.rest[0], "total": self.npu.profile.ai_cores}
 
     def switch_policy(self, name: str, options: dict) -> None:
         """Run policy `name` from now on: queued work stays queued, in order; what runs finishes as it started.
@@ -66,6 +72,7 @@ class Topology:
                     "memory_total": p.npu.memory.capacity,
                     "queued": p.runner.engine.queued,
                     "running": len(p.runner.engine.running),
+                    "cores": p.cores(),
                     "modeled_time_s": p.runner.engine.t,
                 }
                 for p in self.physical

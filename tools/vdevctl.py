@@ -117,13 +117,25 @@ def render(status: dict) -> str:
     out = [boxed(rows)]
     out.append(
         boxed(
-            [("Physical", "Chip", "Mode", "Policy", "Memory used / total", "Running", "Queued")]
+            [
+                (
+                    "Physical",
+                    "Chip",
+                    "Mode",
+                    "Policy",
+                    "AI cores P / D",
+                    "Memory used / total",
+                    "Running",
+                    "Queued",
+                )
+            ]
             + [
                 (
                     p["name"],
                     p["chip"],
                     p["mode"],
                     policy_label(p),
+                    f"{p['cores']['prefill']} / {p['cores']['decode']} of {p['cores']['total']}",
                     f"{human(p['memory_used'])} / {human(p['memory_total'])}",
                     str(p["running"]),
                     str(p["queued"]),

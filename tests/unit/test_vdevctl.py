@@ -78,3 +78,38 @@ def test_policy_without_a_daemon_says_how_to_start_one(tmp_path):
     result = vdevctl(tmp_path, "policy", "npu0", "flex")
     assert result.returncode == 1
     assert f"no FlexNPU daemon at {tmp_path}" in result.stderr and "vdevfsd mount" in result.stderr
+
+
+class _Kernel:
+    name = "MatMulV2"
+
+    def __init__(self, cost) -> None:
+        self._cost = cost
+
+    def cost(self):
+        return self._cost
+
+    def run(self) -> None:
+        pass
+
+
+def test_ls_shows_the_ai_cores_each_side_holds_now():
+    """The Physical table's "AI cores P / D": what the kernels on the chip hold, prefill (and unknown) side and
+    decode side, under the NPU's policy — static's 8-core prefill partition here."""
+    from npu.tasks import Cost, Unit
+    from scheduler.stream import Stream, TaskEntry
+
+    topology = config.build(config.parse(CONFIG), driver="sync")
+    unit = topology.physical[0]
+    unit.switch_policy("static", topology.policy_options["static"])
+    engine = unit.runner.engine
+    for phase, tiles in ((Phase.PREFILL, 100), (Phase.DECODE, 3)):
+        stream = Stream(phase=phase, phase_from=PhaseSource.ROLE)
+        engine.add_stream(stream)
+        engine.submit(TaskEntry(stream, 1, task=_Kernel(Cost(flops=1e12, unit=Unit.CUBE, tiles=tiles))), engine.t)
+
+    _, physical, _, _ = render({"daemon": DAEMON} | topology.status()).split("\n\n")
+    assert [(row["Physical"], row["AI cores P / D"]) for row in cells(physical)] == [
+        ("npu0", "8 / 3 of 24"),
+        ("npu1", "0 / 0 of 20"),
+    ]
