@@ -69,7 +69,7 @@ def _shard(args: tuple[SimSpec, list[tuple[float, int, int]], bool]) -> tuple[li
 
 
 def simulate(spec: SimSpec, workload: Workload, jobs: int = 1, timeline: bool = False) -> Outcome:
-    requests = workload.requests(spec.max_model_len)
+    requests = workload.requests(spec.serve.max_model_len)
     jobs = max(1, min(jobs, spec.npus))
     if spec.npus % jobs or (spec.deployment == "disaggregated" and spec.prefill_chips % jobs):
         raise ValueError(f"{jobs} shards do not divide {spec.npus} NPUs ({spec.prefill_chips} prefill) evenly")

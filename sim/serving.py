@@ -34,7 +34,6 @@ from scheduler.stream import Phase, PhaseSource, Stream, TaskEntry
 from sim.steps import SimTask, StepCosts
 from workloads.batching import (
     Batcher,
-    BatchingConfig,
     BlockPool,
     FinishReason,
     FirstToken,
@@ -44,6 +43,7 @@ from workloads.batching import (
     StepPlan,
     Token,
 )
+from workloads.deploy import ServeSpec
 from workloads.loadgen import RequestResult
 from workloads.model import CacheConfig, ModelConfig
 
@@ -57,12 +57,7 @@ class SimSpec:
     deployment: str = "colocated"
     npus: int = 1
     prefill_npus: int = 0  # disaggregated: chips of prefill engines (0: half, rounded up)
-    policy: str = "fifo"
-    policy_options: tuple[tuple[str, object], ...] = ()
-    num_blocks: int = 256  # KV blocks per engine (colocated: per chip, shared)
-    block_size: int = 16
-    max_num_seqs: int = 16
-    max_model_len: int = 256
+    serve: ServeSpec = ServeSpec()  # the engines' KV cache and batch sizes, and the chips' policy, as served live
     host_ms: float = 1.0  # the serving process's work before a decode step reaches the chip (inputs, a replay)
     prefill_host_ms: float = 0.0  # the same before a prefill step (0: launched op by op, the chip starts at once)
     fold: int = 1
@@ -107,10 +102,11 @@ class _Engine:
 class Simulation:
     def __init__(self, spec: SimSpec) -> None:
         self.spec = spec
-        cache = CacheConfig(spec.num_blocks, spec.block_size)
-        self.costs = StepCosts(spec.model, cache, -(-spec.max_model_len // spec.block_size), spec.fold)
+        serve = spec.serve
+        cache = CacheConfig(serve.num_blocks, serve.block_size)
+        self.costs = StepCosts(spec.model, cache, -(-serve.max_model_len // serve.block_size), spec.fold)
         self.block_bytes = 2 * spec.model.num_hidden_layers * spec.model.num_key_value_heads * spec.model.head_dim
-        self.block_bytes *= spec.model.dtype.itemsize * spec.block_size
+        self.block_bytes *= spec.model.dtype.itemsize * serve.block_size
         self.chips = [self._chip(i) for i in range(spec.npus)]
         self.entries: list[_Engine] = []  # engines that take new requests
         self.decoders: list[_Engine] = []  # decode engines (colocated, disaggregated)
@@ -126,26 +122,14 @@ class Simulation:
     # -- building ---------------------------------------------------------------------------------------------
 
     def _chip(self, i: int) -> Engine:
-        policy = make_policy(self.spec.policy, **dict(self.spec.policy_options))
+        policy = make_policy(self.spec.serve.policy, **self.spec.serve.policy_options)
         return Engine(EmulatedNPU(f"npu{i}", self.spec.chip, "timing"), policy)
-
-    def _batching(self, role: Role) -> BatchingConfig:
-        s = self.spec
-        return BatchingConfig(
-            num_blocks=s.num_blocks,
-            block_size=s.block_size,
-            max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_model_len,
-            max_model_len=s.max_model_len,
-            role=role,
-            chunked_prefill=False,  # as the live engines: whole prompts
-        )
 
     def _engine(self, name: str, role: Role, chip: Engine, phase: Phase, pool: BlockPool | None = None) -> _Engine:
         stream = Stream()
         declare(stream, phase, PhaseSource.ROLE)  # as a virtual NPU's role in the config does
         chip.add_stream(stream)
-        return _Engine(name, role, Batcher(self._batching(role), pool), chip, stream)
+        return _Engine(name, role, Batcher(self.spec.serve.batching(role), pool), chip, stream)
 
     def _build(self) -> None:
         kind = self.spec.deployment
@@ -153,7 +137,7 @@ class Simulation:
             if kind == "direct":
                 self.entries.append(self._engine(f"npu{i}", Role.COLOCATED, chip, Phase.UNKNOWN))
             elif kind == "colocated":
-                pool = BlockPool(self.spec.num_blocks)
+                pool = BlockPool(self.spec.serve.num_blocks)
                 self.entries.append(self._engine(f"npu{i}/prefill", Role.PREFILL, chip, Phase.PREFILL, pool))
                 self.decoders.append(self._engine(f"npu{i}/decode", Role.DECODE, chip, Phase.DECODE, pool))
             elif i < self.spec.prefill_chips:
@@ -282,7 +266,7 @@ class Simulation:
         """Back-pressure, as the live coordinator has it: a prefill engine starts new prompts only while the decode
         engine it hands over to has fewer than max_num_seqs requests, so prompts wait before their prefill (TTFT)
         rather than after it for a decode slot (TPOT)."""
-        return self._decoder(prefill).outstanding < self.spec.max_num_seqs
+        return self._decoder(prefill).outstanding < self.spec.serve.max_num_seqs
 
     def _hand_over(self, prefill: _Engine, rid: str, done) -> None:
         prefill.outstanding -= 1

@@ -47,19 +47,13 @@ STATIC, FLEX, DISAGG = "static co-location", "flex co-location", "static disaggr
 
 def spec(label: str, npus: int = NPUS, chip: ChipProfile = CHIP, prefill_npus: int = 0, fold: int = 28) -> SimSpec:
     deployment, policy, options = SETUPS[label]
-    serve = ServeSpec.for_model(MODEL)
     return SimSpec(
         model=model_config(MODEL),
         chip=chip,
         deployment=deployment,
         npus=npus,
         prefill_npus=prefill_npus if deployment == "disaggregated" else 0,
-        policy=policy,
-        policy_options=options,
-        num_blocks=serve.num_blocks,
-        block_size=serve.block_size,
-        max_num_seqs=serve.max_num_seqs,
-        max_model_len=serve.max_model_len,
+        serve=ServeSpec.for_model(MODEL, policy=policy, policy_options=dict(options)),
         host_ms=HOST_MS,
         fold=fold,
         keep_itl=False,

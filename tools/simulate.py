@@ -41,7 +41,7 @@ def _model(value: str) -> ModelConfig:
         raise click.BadParameter(f"{value}: {exc}") from None
 
 
-def _options(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+def _options(values: tuple[str, ...]) -> dict[str, float]:
     pairs = []
     for value in values:
         key, _, number = value.partition("=")
@@ -49,7 +49,7 @@ def _options(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
             pairs.append((key, int(number) if number.strip().lstrip("-").isdigit() else float(number)))
         except ValueError:
             raise click.BadParameter(f"{value!r}: a policy option is NAME=NUMBER, e.g. tpot_target_ms=45") from None
-    return tuple(pairs)
+    return dict(pairs)
 
 
 @click.command()
@@ -93,7 +93,6 @@ def command(
 ) -> None:
     """Simulate serving in virtual time: the real policies, engine, timing model, op costs and batching core."""
     config = _model(model)
-    serve = ServeSpec.for_model(config)
     try:
         spec = SimSpec(
             model=config,
@@ -101,12 +100,7 @@ def command(
             deployment=deployment,
             npus=npus,
             prefill_npus=prefill_npus,
-            policy=policy,
-            policy_options=_options(options),
-            num_blocks=serve.num_blocks,
-            block_size=serve.block_size,
-            max_num_seqs=serve.max_num_seqs,
-            max_model_len=serve.max_model_len,
+            serve=ServeSpec.for_model(config, policy=policy, policy_options=_options(options)),
             host_ms=host_ms,
             fold=fold,
             keep_itl=out is not None,

@@ -83,6 +83,18 @@ class ServeSpec:
         )
         return replace(defaults, **changes)
 
+    def batching(self, role: Role) -> BatchingConfig:
+        """The batching core's configuration of an engine in `role` (the live workers and the simulator alike)."""
+        return BatchingConfig(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_model_len,
+            max_model_len=self.max_model_len,
+            role=role,
+            chunked_prefill=False,  # the worker prefills whole prompts
+        )
+
 
 @dataclass(eq=False)
 class _Request:
@@ -356,7 +368,7 @@ async def _load(kind: str, spec: ServeSpec, workers: list[WorkerProcess]) -> Dep
     load = {"model": spec.model, "num_blocks": spec.num_blocks, "block_size": spec.block_size, "seed": spec.seed}
     load |= {"weights": not spec.timing, "max_num_seqs": spec.max_num_seqs, "max_model_len": spec.max_model_len}
     role = {"direct": Role.COLOCATED}.get(kind, Role.PREFILL)
-    entry_config = _batching(spec, role)
+    entry_config = spec.batching(role)
     if kind == "direct":
         await workers[0].call("init", **load, kv=None)
         return Deployment(spec, Instance("model", workers[0], Batcher(entry_config)), None, copy_kv=False)
@@ -364,7 +376,7 @@ async def _load(kind: str, spec: ServeSpec, workers: list[WorkerProcess]) -> Dep
     await prefill.call("init", **load, kv=None)
     decode_pid = (await decode.call("pid"))["pid"]
     keys = (await prefill.call("export", pids=[decode_pid]))["keys"]
-    decode_config = _batching(spec, Role.DECODE)
+    decode_config = spec.batching(Role.DECODE)
     if kind == "colocated":  # one cache: the decode worker uses the prefill worker's pools, and so its blocks
         await decode.call("init", **load, kv=keys)
         pool = BlockPool(spec.num_blocks)
@@ -375,16 +387,4 @@ async def _load(kind: str, spec: ServeSpec, workers: list[WorkerProcess]) -> Dep
         entry, last = Batcher(entry_config), Batcher(decode_config)
     return Deployment(
         spec, Instance("prefill", prefill, entry), Instance("decode", decode, last), copy_kv=kind == "disaggregated"
-    )
-
-
-def _batching(spec: ServeSpec, role: Role) -> BatchingConfig:
-    return BatchingConfig(
-        num_blocks=spec.num_blocks,
-        block_size=spec.block_size,
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=spec.max_model_len,
-        max_model_len=spec.max_model_len,
-        role=role,
-        chunked_prefill=False,  # the worker prefills whole prompts
     )

@@ -48,12 +48,7 @@ def test_simulated_ttft_and_tpot_within_5_percent_of_the_live_daemon():
         model_config(spec.model),
         profile("910B2"),
         "colocated",
-        npus=1,
-        policy="flex",
-        num_blocks=spec.num_blocks,
-        block_size=spec.block_size,
-        max_num_seqs=spec.max_num_seqs,
-        max_model_len=spec.max_model_len,
+        serve=spec,
         host_ms=host_ms["decode"],
         prefill_host_ms=host_ms["prefill"],
     )

@@ -50,8 +50,16 @@ DEPLOYMENTS = [
 ]
 
 
+SERVE_FIELDS = {f.name for f in dataclasses.fields(ServeSpec)}
+
+
 def small_spec(deployment: str = "colocated", npus: int = 1, **changes) -> SimSpec:
-    return SimSpec(**{"model": QWEN, "chip": CHIP, "deployment": deployment, "npus": npus, "fold": 28} | changes)
+    """A simulation spec; `changes` name SimSpec's fields or its ServeSpec's (num_blocks=8, policy="flex")."""
+    serve = ServeSpec(**{k: v for k, v in changes.items() if k in SERVE_FIELDS})
+    rest = {k: v for k, v in changes.items() if k not in SERVE_FIELDS}
+    return SimSpec(
+        **{"model": QWEN, "chip": CHIP, "deployment": deployment, "npus": npus, "fold": 28} | rest, serve=serve
+    )
 
 
 def cost_of(call):
@@ -199,7 +207,7 @@ def check_drained(sim: Simulation) -> None:
 @pytest.mark.parametrize(("deployment", "npus", "changes"), DEPLOYMENTS)
 def test_every_request_completes_and_every_kv_block_ends_free(deployment, npus, changes):
     spec = small_spec(deployment, npus, **changes)
-    requests = Workload(SHORT, rate=30.0, num_requests=16, seed=1).requests(spec.max_model_len)
+    requests = Workload(SHORT, rate=30.0, num_requests=16, seed=1).requests(spec.serve.max_model_len)
     requests[3] = (requests[3][0], 64, 1)  # one request ends with its first token (never handed over)
     sim = Simulation(spec)
     results = sim.run(requests)
@@ -357,8 +365,7 @@ def test_flex_decode_tpot_stays_within_its_target_whenever_statics_does():
     SLO TPOT 50 ms, flex targeting 45 ms (the SLO less host time and a margin), 1 ms of host work per step.
     Checked for the mean and for p90 separately."""
     slo = Slo(ttft_s=2.0, tpot_s=0.050)
-    serve = ServeSpec.for_model(QWEN)
-    setups = {"static": (), "flex": (("tpot_target_ms", 45.0),)}
+    setups = {"static": {}, "flex": {"tpot_target_ms": 45.0}}
     rows, broken, premise = [], [], 0
     for rate in (2, 4, 6, 8):
         tpot = {}
@@ -367,12 +374,7 @@ def test_flex_decode_tpot_stays_within_its_target_whenever_statics_does():
                 QWEN,
                 CHIP,
                 "colocated",
-                policy=policy,
-                policy_options=options,
-                num_blocks=serve.num_blocks,
-                block_size=serve.block_size,
-                max_num_seqs=serve.max_num_seqs,
-                max_model_len=serve.max_model_len,
+                serve=ServeSpec.for_model(QWEN, policy=policy, policy_options=options),
                 host_ms=1.0,
                 fold=28,
                 keep_itl=False,
@@ -402,7 +404,7 @@ def test_a_sharded_run_returns_every_request_completed_in_request_order():
     results come back in request order, each shard's as the same one-chip deployment gives serving its share."""
     spec = small_spec("colocated", npus=2, policy="flex")
     workload = Workload(SHORT, rate=20.0, num_requests=10, seed=2)
-    requests = workload.requests(spec.max_model_len)
+    requests = workload.requests(spec.serve.max_model_len)
     outcome = simulate(spec, workload, jobs=2)
 
     check_completed(requests, outcome.results)
