@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from npu.profiles import ChipProfile, profile
 from sim.run import Workload, simulate
 from sim.serving import SimSpec
+from tools.bench_fidelity import sweeps
 from tools.tables import plain
 from workloads.deploy import ServeSpec
 from workloads.loadgen import CONVERSATION, DEFAULT_SLO, Length, Lengths
@@ -118,21 +119,9 @@ def _pct(new: float | None, old: float | None) -> float | None:
     return None if not old or new is None else (new / old - 1) * 100
 
 
-# The device-model figures nobody has measured, and their plausible ranges (as bench fidelity sweeps them).
-def variants(chip: ChipProfile) -> list[tuple[str, ChipProfile]]:
-    bw = chip.core_bandwidth
-    return [
-        ("core path 57.6 GB/s (default)", chip),
-        ("core path x2", chip.with_(core_bandwidth=2 * bw, vector_core_bandwidth=bw)),
-        ("core path x4 (6 cores fill HBM)", chip.with_(core_bandwidth=4 * bw, vector_core_bandwidth=2 * bw)),
-        ("launch overhead 1 us", chip.with_(launch_overhead_s=1e-6)),
-        ("launch overhead 10 us", chip.with_(launch_overhead_s=10e-6)),
-    ]
-
-
 def sensitivity(rates: list[float], seconds: float, prefill_npus: int, quick: bool) -> list[dict]:
     rows = []
-    for name, chip in variants(CHIP)[: 3 if quick else None]:
+    for name, chip in sweeps(CHIP)[: 3 if quick else None]:  # the figures nobody has measured, as bench fidelity
         runs = sweep(rates, seconds, prefill_npus, chip, labels=(STATIC, FLEX, DISAGG))
         rows.append({"variant": name, "runs": runs, "compare": compare(runs)})
     return rows
