@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from sim.serving import SimSpec, Simulation
-from workloads.loadgen import DEFAULT_SLO, Lengths, RequestResult, Slo, aggregate, arrival_times, draw_lengths
+from workloads.traffic import DEFAULT_SLO, Lengths, RequestResult, Slo, aggregate, arrival_times, draw_lengths
 
 
 @dataclass(frozen=True)

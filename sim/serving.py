@@ -44,8 +44,8 @@ from workloads.batching import (
     Token,
 )
 from workloads.deploy import ServeSpec
-from workloads.loadgen import RequestResult
 from workloads.model import CacheConfig, ModelConfig
+from workloads.traffic import RequestResult
 
 DEPLOYMENTS = ("direct", "colocated", "disaggregated")
 

@@ -33,8 +33,8 @@ from interposer.shim.flexnpu_client.client import FileTransport
 from tools import chaos_abuse, launch
 from tools.chaos_abuse import DEVICES, Vandal
 from tools.chaos_client import GONE_EXIT
-from tools.tables import plain
 from vdevfs.config import Config
+from workloads.tables import plain
 
 CONFIG = """
 [daemon]

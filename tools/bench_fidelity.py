@@ -33,7 +33,7 @@ from npu.tasks import Cost, DeviceToDevice
 from scheduler.engine import Engine
 from scheduler.policies import make_policy
 from scheduler.stream import Event, RecordEntry, Stream, TaskEntry
-from tools.tables import plain
+from workloads.tables import plain
 
 BF16 = np.dtype(bfloat16)
 CHIP = profile("910B2")

@@ -14,7 +14,7 @@ from pathlib import Path
 from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, Op
 from tools import launch
-from tools.tables import plain
+from workloads.tables import plain
 
 CONFIG = launch.one_npu_config("timing")
 

@@ -26,10 +26,10 @@ from npu.profiles import ChipProfile, profile
 from sim.run import Workload, simulate
 from sim.serving import SimSpec
 from tools.bench_fidelity import sweeps
-from tools.tables import plain
 from workloads.deploy import ServeSpec
-from workloads.loadgen import CONVERSATION, DEFAULT_SLO, Length, Lengths
 from workloads.model import model_config
+from workloads.tables import plain
+from workloads.traffic import CONVERSATION, DEFAULT_SLO, Length, Lengths
 
 MODEL = "qwen2.5-7b"
 CHIP = profile("910B2")

@@ -24,8 +24,8 @@ from interposer.shim.flexnpu_client.runtime import DEVICE_TO_HOST, HOST_TO_DEVIC
 from interposer.translate import Translator
 from interposer.wire import COMMANDS, Op
 from tools import launch
-from tools.tables import plain
 from vdevfs import config as configuration
+from workloads.tables import plain
 
 CONFIG = """
 [daemon]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tools import launch
-from tools.tables import plain
+from workloads.tables import plain
 
 
 def _generate(env: dict, command: str, **options) -> dict:
@@ -177,8 +177,9 @@ async def _serve_and_load(kind: str, spec, rates: list[float], num_requests: int
     import trio
 
     from workloads.deploy import deployment
-    from workloads.loadgen import Slo, run_load
+    from workloads.loadgen import run_load
     from workloads.server import serve
+    from workloads.traffic import Slo
 
     wall_slo = Slo(slo.ttft_s * spec.time_scale, slo.tpot_s * spec.time_scale)  # judged in modeled time
     runs = {}
@@ -211,7 +212,8 @@ def serving(quick: bool, out_png: str) -> dict:
     import trio
 
     from workloads.deploy import DEPLOYMENTS, ServeSpec
-    from workloads.loadgen import CONVERSATION, DEFAULT_SLO, Length, Lengths, plot_cdfs
+    from workloads.loadgen import plot_cdfs
+    from workloads.traffic import CONVERSATION, DEFAULT_SLO, Length, Lengths
 
     if quick:
         rates, num_requests, lengths = [4.0, 16.0], 8, Lengths.fixed(512, 32)

@@ -14,7 +14,7 @@ import click
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
 from tools import coverage, launch, simulate
-from tools.tables import boxed, plain
+from workloads.tables import boxed, plain
 
 DEFAULT_MOUNT = "/dev/flexnpu"
 SHIM_PATH = launch.SHIM_PATH

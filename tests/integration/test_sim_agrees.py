@@ -17,9 +17,10 @@ from sim.serving import SimSpec
 from tests.conftest import requires_mount
 from tools.bench_serve import to_modeled
 from workloads.deploy import ServeSpec, deployment
-from workloads.loadgen import Lengths, run_load
+from workloads.loadgen import run_load
 from workloads.model import model_config
 from workloads.server import serve
+from workloads.traffic import Lengths
 
 TIME_SCALE = 8.0  # wall seconds per modeled second: the host's work stays small beside the paced device
 WORKLOAD = Workload(Lengths.fixed(512, 32), rate=4.0, num_requests=8, seed=0)

@@ -10,7 +10,9 @@ import pytest
 import trio
 from fake_engine import FakeEngine
 
-from workloads.loadgen import (
+from workloads.loadgen import plot_cdfs, render, run_load
+from workloads.server import serve
+from workloads.traffic import (
     CODE,
     CONVERSATION,
     Length,
@@ -20,11 +22,7 @@ from workloads.loadgen import (
     aggregate,
     arrival_times,
     draw_requests,
-    plot_cdfs,
-    render,
-    run_load,
 )
-from workloads.server import serve
 
 MODEL = FakeEngine.model
 

@@ -28,8 +28,8 @@ from sim.steps import StepCosts
 from tools.vdevctl import main
 from workloads.batching import Scheduled, StepKind, StepPlan
 from workloads.deploy import ServeSpec
-from workloads.loadgen import CONVERSATION, Length, Lengths, RequestResult, Slo
 from workloads.model import CacheConfig, Decode, Prefill, forward, model_config
+from workloads.traffic import CONVERSATION, Length, Lengths, RequestResult, Slo
 
 QWEN = model_config("qwen2.5-7b")
 CHIP = profile("910B2")
