@@ -17,9 +17,14 @@ from npu.emulated.ops import bind
 from npu.emulated.ops.base import REGISTRY
 from npu.tasks import Cost
 from workloads.batching import StepKind, StepPlan
-from workloads.model import CacheConfig, Decode, ModelConfig, OpCall, Prefill, forward
+from workloads.model import CONTEXT_KV, CacheConfig, Decode, ModelConfig, OpCall, Prefill, forward
 
 ATTENTION = {"PromptFlashAttention", "IncreFlashAttention"}
+
+
+def _attends(call: OpCall) -> bool:
+    """An attention kernel, or a chunk's gather of its context for one (the slot whose cost depends on lengths)."""
+    return call.op in ATTENTION or call.outs[0].buffer in CONTEXT_KV
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +60,17 @@ class StepCosts:
         self.per_layer = two - one
         self.pre = 3  # the embedding and the two rotary-table gathers
         self._shapes: dict[tuple, tuple] = {}
-        self._calls: dict[tuple, OpCall] = {}
+        self._decode: dict[int, OpCall] = {}  # a decode bucket's attention call
+        self._prefill: dict[tuple[int, int], tuple[Cost, ...]] = {}  # one prompt's or chunk's, by (tokens, start)
 
     def tasks(self, plan: StepPlan) -> list[SimTask]:
         if plan.kind is StepKind.DECODE:
             lens = tuple(e.start + 1 for e in plan.entries) + (1,) * plan.padding  # padding decodes a scratch block
             shape = self._shape(Decode((1,) * len(lens), self.max_blocks))
             return self._assemble(shape, self._attention(Decode(lens, self.max_blocks)))
-        prompts = tuple(e.start + e.num_tokens for e in plan.entries)  # whole prompts (and recomputed context)
-        shape = self._shape(Prefill((sum(prompts) - len(prompts) + 1,) + (1,) * (len(prompts) - 1)))
-        return self._assemble(shape, self._attention(Prefill(prompts)))
+        chunks = tuple(e.num_tokens for e in plan.entries)  # prompts, or chunks of them after their `start` tokens
+        shape = self._shape(Prefill((sum(chunks) - len(chunks) + 1,) + (1,) * (len(chunks) - 1)))
+        return self._assemble(shape, self._attention(Prefill(chunks, tuple(e.start for e in plan.entries))))
 
     def _shape(self, step: Prefill | Decode) -> tuple[list[SimTask], list[SimTask], list[SimTask]]:
         """(the ops before the layers, a layer's ops folded, the ops after); attention is left as a slot (its
@@ -87,21 +93,32 @@ class StepCosts:
 
     def _attention(self, step: Prefill | Decode) -> tuple[Cost, ...]:
         """One layer's attention kernels for these lengths, folded: a decode step's one kernel (its cost from
-        the bucket's call with this step's lengths), a prefill step's one per prompt (kept per length)."""
+        the bucket's call with this step's lengths), a prefill step's one per prompt or chunk, after a chunk's
+        gathers of its context (kept per length and start)."""
         if isinstance(step, Decode):
-            call = self._layer_call(Decode((1,) * step.batch, self.max_blocks))
+            if step.batch not in self._decode:
+                (self._decode[step.batch],) = self._layer_calls(Decode((1,) * step.batch, self.max_blocks))
+            call = self._decode[step.batch]
             attrs = dict(call.attrs, actual_seq_lengths=list(step.context_lens))
             cost = REGISTRY[call.op].cost([t.spec for t in call.ins], [t.spec for t in call.outs], attrs)
             return (cost.repeated(self.fold),)
-        return tuple(_cost(self._layer_call(Prefill((n,)))).repeated(self.fold) for n in step.prompt_lens)
+        return tuple(
+            cost
+            for n, start in zip(step.prompt_lens, step.starts, strict=True)
+            for cost in self._prefill_attention(n, start)
+        )
 
-    def _layer_call(self, step: Prefill | Decode) -> OpCall:
-        """The attention call of a one-layer pass of this shape, kept per shape."""
-        key = (type(step), step.tokens)
-        if key not in self._calls:
-            calls = forward(replace(self.config, num_hidden_layers=1), self.cache, step)
-            self._calls[key] = next(c for c in calls if c.op in ATTENTION)
-        return self._calls[key]
+    def _prefill_attention(self, n: int, start: int) -> tuple[Cost, ...]:
+        key = (n, start)
+        if key not in self._prefill:
+            calls = self._layer_calls(Prefill((n,), (start,)))
+            self._prefill[key] = tuple(_cost(c).repeated(self.fold) for c in calls)
+        return self._prefill[key]
+
+    def _layer_calls(self, step: Prefill | Decode) -> list[OpCall]:
+        """The attention slot's calls in a one-layer pass of this step."""
+        calls = forward(replace(self.config, num_hidden_layers=1), self.cache, step)
+        return [c for c in calls if _attends(c)]
 
     def _assemble(self, shape, attention: tuple[Cost, ...]) -> list[SimTask]:
         pre, layer, post = shape

@@ -26,8 +26,8 @@ from npu.profiles import ChipProfile, profile
 from sim.run import Workload, simulate
 from sim.serving import SimSpec
 from tools.bench_fidelity import sweeps
-from workloads.deploy import ServeSpec
 from workloads.model import model_config
+from workloads.spec import ServeSpec
 from workloads.tables import plain
 from workloads.traffic import CONVERSATION, DEFAULT_SLO, Length, Lengths
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from interposer.shim_env import shim_env
 from tools import launch
 from workloads.tables import plain
 
@@ -69,8 +70,8 @@ def overhead(quick: bool) -> dict:
         config.write_text(launch.one_npu_config("timing", 1.0))
         mount = Path(tmp) / "dev"
         with launch.daemon(mount, config):
-            through = launch.shim_env([str(mount / "davinci0")], mount)
-            direct = launch.shim_env(["davinci0"], direct=True, config=str(config))
+            through = shim_env([str(mount / "davinci0")], mount)
+            direct = shim_env(["davinci0"], direct=True, config=str(config))
             for graph in (True, False):
                 runs: dict[str, list[dict]] = {"daemon": [], "direct": []}
                 for _ in range(rounds):
@@ -126,7 +127,7 @@ def fidelity() -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
         config = Path(tmp) / "virtual.toml"
         config.write_text(launch.one_npu_config("timing", 0))
-        env = launch.shim_env(["davinci0"], direct=True, config=str(config))
+        env = shim_env(["davinci0"], direct=True, config=str(config))
         for what, (command, options), public, source, note in FIDELITY:
             extra = {"context": 1024, "steps": 2} if command == "decode" else {}
             result = _generate(env, command, **options, **extra)
@@ -176,14 +177,13 @@ def _modeled_rate(rate, time_scale: float):
 async def _serve_and_load(kind: str, spec, rates: list[float], num_requests: int, lengths, slo) -> dict:
     import trio
 
-    from workloads.deploy import deployment
     from workloads.loadgen import run_load
     from workloads.server import serve
     from workloads.traffic import Slo
 
     wall_slo = Slo(slo.ttft_s * spec.time_scale, slo.tpot_s * spec.time_scale)  # judged in modeled time
     runs = {}
-    async with deployment(kind, spec) as engine, trio.open_nursery() as nursery:
+    async with launch.deployment(kind, spec) as engine, trio.open_nursery() as nursery:
         (url,) = await nursery.start(serve, engine, "127.0.0.1", 0)
         for rate in rates:
             for instance in engine.instances:
@@ -211,8 +211,8 @@ def _host_share(engine, time_scale: float) -> dict:
 def serving(quick: bool, out_png: str) -> dict:
     import trio
 
-    from workloads.deploy import DEPLOYMENTS, ServeSpec
     from workloads.loadgen import plot_cdfs
+    from workloads.spec import DEPLOYMENTS, ServeSpec
     from workloads.traffic import CONVERSATION, DEFAULT_SLO, Length, Lengths
 
     if quick:

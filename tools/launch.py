@@ -1,6 +1,7 @@
 """Start a vdevfsd (or the bare echo filesystem) in a child process and wait until its mount answers.
 
-Used by `vdevctl bench` and the tests: the daemon under test is always a real process on a real mount.
+Used by `vdevctl bench`, `vdevctl serve` and the tests: the daemon under test is always a real process on a real
+mount.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import interposer.shim
 from vdevfs.daemon import is_stale
-
-SHIM_PATH = str(Path(interposer.shim.__file__).parent)  # holds acl/ and flexnpu_client/, standard library only
+from workloads import deploy
+from workloads.spec import ServeSpec
 
 READY_TIMEOUT_S = 20.0
 
@@ -59,6 +60,21 @@ def daemon(mount: Path, config: Path | None = None, log: Path | None = None):
     return running(args, lambda proc: _serving_pid(mount) == proc.pid, mount, log)
 
 
+@contextlib.asynccontextmanager
+async def deployment(kind: str, spec: ServeSpec, workdir: Path | None = None) -> AsyncIterator[deploy.Deployment]:
+    """A serving deployment and what it needs: the daemon on a private mount under `workdir` (all but direct)."""
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="flexnpu-serve-")))
+        mount = None
+        if kind != "direct":
+            config = work / f"{kind}.toml"
+            config.write_text(deploy.topology(kind, spec))
+            mount = work / "dev"
+            stack.enter_context(daemon(mount, config, log=work / "daemon.log"))
+        async with deploy.deployment(kind, spec, work, mount) as engine:
+            yield engine
+
+
 def echofs(mount: Path):
     return running(["tools.echofs", str(mount)], lambda proc: os.path.ismount(mount), mount)
 
@@ -69,32 +85,6 @@ def _serving_pid(mount: Path) -> int | None:
         return json.loads((mount / "status").read_text())["daemon"]["pid"]
     except (OSError, ValueError, KeyError):
         return None
-
-
-def shim_env(
-    devices: list[str] | None,
-    mount: Path | None = None,
-    direct: bool = False,
-    config: str | None = None,
-    phase: str | None = None,
-) -> dict[str, str]:
-    """The environment of an interposed program: the shim first on PYTHONPATH, and which virtual NPUs it sees —
-    device files through a daemon, or virtual NPU names of `config`'s topology in its own process (direct)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SHIM_PATH, env.get("PYTHONPATH")]))
-    for key in ("FLEXNPU_DEVICES", "FLEXNPU_DIRECT", "FLEXNPU_CONFIG", "FLEXNPU_PHASE"):
-        env.pop(key, None)
-    if mount is not None:
-        env["FLEXNPU_MOUNT"] = str(mount)
-    if phase:
-        env["FLEXNPU_PHASE"] = phase
-    if direct:
-        env["FLEXNPU_DIRECT"] = "1"
-        if config:
-            env["FLEXNPU_CONFIG"] = str(Path(config).resolve())
-    if devices:
-        env["FLEXNPU_DEVICES"] = ",".join(devices)
-    return env
 
 
 def one_npu_config(mode: str = "timing", time_scale: float = 0, chip: str = "910B2") -> str:

@@ -12,9 +12,9 @@ from npu.profiles import PROFILES, profile
 from scheduler.policies import POLICIES
 from sim.run import Workload, simulate
 from sim.serving import DEPLOYMENTS, SimSpec
-from workloads.deploy import ServeSpec
 from workloads.loadgen import render
 from workloads.model import BUILTIN, ModelConfig, model_config
+from workloads.spec import ServeSpec
 from workloads.traffic import CODE, CONVERSATION, DEFAULT_SLO, Lengths
 
 TRACES = {"conversation": CONVERSATION, "code": CODE}

@@ -13,11 +13,11 @@ import click
 
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
+from interposer.shim_env import SHIM_PATH, shim_env
 from tools import coverage, launch, simulate
 from workloads.tables import boxed, plain
 
 DEFAULT_MOUNT = "/dev/flexnpu"
-SHIM_PATH = launch.SHIM_PATH
 
 
 def read_status(mount: Path) -> dict:
@@ -233,9 +233,9 @@ def run(mount: Path, devices: str | None, direct: bool, config: str | None, phas
     """
     if direct:
         names = device_names(devices) if devices else None
-        env = launch.shim_env(names, mount, direct=True, config=config, phase=phase)
+        env = shim_env(names, mount, direct=True, config=config, phase=phase)
     else:
-        env = launch.shim_env(_device_files(mount, devices), mount, phase=phase)
+        env = shim_env(_device_files(mount, devices), mount, phase=phase)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:
@@ -291,9 +291,9 @@ def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_nu
     processes) and stopping it all cleanly."""
     import trio
 
-    from workloads.deploy import ServeSpec, deployment
     from workloads.model import model_config
     from workloads.server import serve as serve_http
+    from workloads.spec import ServeSpec
 
     try:
         model_config(model)
@@ -303,7 +303,7 @@ def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_nu
     spec = ServeSpec.for_model(model, **changes)
 
     async def main() -> None:
-        async with deployment(kind, spec) as engine:
+        async with launch.deployment(kind, spec) as engine:
             click.echo(f"serving {engine.model} ({kind}) at http://{host}:{port}/v1 — Ctrl-C stops", err=True)
             await serve_http(engine, host, port)
 

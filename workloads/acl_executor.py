@@ -155,9 +155,13 @@ class AclModel:
         self.host_ms = 0.0  # the last step's time on the host, inputs to tokens
         self.issue_ms = 0.0  # of which the host's own work: inputs written and every launch issued
 
-    def prefill(self, prompts: list[list[int]], block_tables: list[list[int]]) -> list[int]:
-        """Whole prompts; each request's blocks must hold its prompt. Returns each prompt's next token."""
-        return self._step(Prefill(tuple(len(p) for p in prompts)), prompts, block_tables)
+    def prefill(
+        self, prompts: list[list[int]], block_tables: list[list[int]], starts: list[int] | None = None
+    ) -> list[int]:
+        """Prompts, or chunks of prompts whose first `starts` tokens are in the KV cache already (chunked prefill);
+        each request's blocks must hold its context. Returns the token after each prompt or chunk."""
+        step = Prefill(tuple(len(p) for p in prompts), tuple(starts or ()))
+        return self._step(step, prompts, block_tables)
 
     def decode(self, tokens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> list[int]:
         """One token per running request; context_lens count it too. Returns each request's next token."""

@@ -28,12 +28,22 @@ def block_tables(lengths: list[int], block_size: int) -> list[list[int]]:
     return tables
 
 
-def generate(model, prompts: list[list[int]], steps: int, tables: list[list[int]] | None = None) -> list[list[int]]:
-    """Greedy: a prefill of every prompt, then `steps` batched decode steps. Returns each request's new tokens.
-    tables: each request's blocks (default: runs of blocks in request order)."""
+def generate(
+    model, prompts: list[list[int]], steps: int, tables: list[list[int]] | None = None, chunk: int = 0
+) -> list[list[int]]:
+    """Greedy: a prefill of every prompt (in chunks of at most `chunk` tokens a step, if given), then `steps` batched
+    decode steps. Returns each request's new tokens. tables: each request's blocks (default: runs of blocks in
+    request order)."""
     lengths = [len(p) for p in prompts]
     tables = tables or block_tables([n + steps for n in lengths], model.cache.block_size)
-    out = [[token] for token in model.prefill(prompts, tables)]
+    done = [0] * len(prompts)  # prompt tokens in the cache
+    out: list[list[int]] = [[] for _ in prompts]
+    while active := [i for i, p in enumerate(prompts) if done[i] < len(p)]:
+        pieces = [prompts[i][done[i] : done[i] + (chunk or len(prompts[i]))] for i in active]
+        tokens = model.prefill(pieces, [tables[i] for i in active], [done[i] for i in active])
+        for i, piece, token in zip(active, pieces, tokens, strict=True):
+            done[i] += len(piece)
+            out[i] = [token]  # the token after its last chunk is the first token
     for _ in range(steps):
         lengths = [n + 1 for n in lengths]
         for request, token in zip(out, model.decode([r[-1] for r in out], lengths, tables), strict=True):

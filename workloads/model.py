@@ -35,8 +35,10 @@ HF_DTYPES = {"float32": F32, "bfloat16": BF16, "float16": np.dtype(np.float16)}
 # The step's inputs, written by the host before each step, and its output.
 INPUT_IDS, POSITIONS, SLOTS = "input_ids", "positions", "slot_mapping"
 BLOCK_TABLES, LAST_TOKENS = "block_tables", "last_token_index"
+CONTEXT_SLOTS = "context_slot_mapping"  # a chunked prefill: the slots of each chunk's whole context, prompt order
 NEXT_TOKENS = "next_tokens"
-STEP_INPUTS = (INPUT_IDS, POSITIONS, SLOTS, BLOCK_TABLES, LAST_TOKENS)
+STEP_INPUTS = (INPUT_IDS, POSITIONS, SLOTS, BLOCK_TABLES, LAST_TOKENS, CONTEXT_SLOTS)
+CONTEXT_KV = ("context_k", "context_v")  # a chunk's context, gathered from the pools for its attention
 
 # Weights that are not Hugging Face tensors: the fused gate/up projection (SwiGlu takes both halves in one
 # tensor) and the rotary tables, derived from the config.
@@ -152,9 +154,18 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class Prefill:
-    """A batch of whole prompts, by length."""
+    """A batch of prompts, or chunks of them (chunked prefill): the tokens each request computes now, and how many
+    of its tokens are in the KV cache already (`starts`; empty: none, whole prompts). A chunk attends to its
+    cached context and, causally, to itself."""
 
     prompt_lens: tuple[int, ...]
+    starts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            object.__setattr__(self, "starts", (0,) * len(self.prompt_lens))
+        if len(self.starts) != len(self.prompt_lens):
+            raise ValueError(f"Prefill: {len(self.starts)} starts for {len(self.prompt_lens)} prompts")
 
     @property
     def batch(self) -> int:
@@ -243,6 +254,12 @@ def kv_cache_specs(c: ModelConfig, cache: CacheConfig) -> dict[str, TensorSpec]:
     return {name: kv_pool_spec(c, cache) for i in range(c.num_hidden_layers) for name in kv_pools(i)}
 
 
+def kv_block_bytes(c: ModelConfig, block_size: int) -> int:
+    """Bytes of one KV block across every layer's key and value pools: what a handover moves per block."""
+    one = kv_pool_spec(c, CacheConfig(1, block_size)).nbytes
+    return 2 * c.num_hidden_layers * one
+
+
 def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[OpCall]:
     """The operator calls of one step's forward pass, in order."""
     t, b = step.tokens, step.batch
@@ -290,13 +307,22 @@ def forward(c: ModelConfig, cache: CacheConfig, step: Prefill | Decode) -> list[
             rows = Tensor(pool.buffer, slot_rows)
             call("ScatterUpdate", [rows, slots, new], [rows])
         if isinstance(step, Prefill):
-            start = 0
-            for length in step.prompt_lens:
+            start, context_start = 0, 0
+            for length, cached in zip(step.prompt_lens, step.starts, strict=True):
                 one = [
                     act(x.buffer, 1, length, x.spec.shape[1], offset=start * x.spec.shape[1] * c.dtype.itemsize)
                     for x in (q, k, v, attn)
                 ]
-                call("PromptFlashAttention", one[:3], one[3:], next_tokens=0, **heads)
+                if cached:  # a later chunk: its keys and values are the pools' rows for its whole context
+                    span = cached + length
+                    index = act(CONTEXT_SLOTS, span, dtype=I32, offset=context_start * I32.itemsize)
+                    context = [act(name, span, n_kv * d) for name in CONTEXT_KV]
+                    for pool, out in zip(pools, context, strict=True):
+                        call("GatherV2", [Tensor(pool.buffer, slot_rows), index], [out])
+                    one[1:3] = [act(name, 1, span, n_kv * d) for name in CONTEXT_KV]
+                    context_start += span
+                # Query row i (position cached + i) sees keys up to position cached + i: the band's upper edge.
+                call("PromptFlashAttention", one[:3], one[3:], next_tokens=cached, **heads)
                 start += length
         else:
             table = act(BLOCK_TABLES, b, step.max_blocks, dtype=I32)
@@ -338,23 +364,26 @@ def buffer_sizes(calls: list[OpCall]) -> dict[str, int]:
 def step_inputs(
     step: Prefill | Decode, tokens: list[list[int]], block_tables: list[list[int]], block_size: int
 ) -> dict[str, np.ndarray]:
-    """The host data of a step's inputs. tokens: each request's new tokens (a prompt, or one token);
-    block_tables: each request's blocks, in order, enough for its context."""
+    """The host data of a step's inputs. tokens: each request's new tokens (a prompt or a chunk of it, or one
+    token); block_tables: each request's blocks, in order, enough for its context."""
+
+    def slots(table: list[int], positions: np.ndarray) -> np.ndarray:
+        return np.asarray(table)[positions // block_size] * block_size + positions % block_size
+
     if isinstance(step, Prefill):
-        positions = [np.arange(length) for length in step.prompt_lens]
+        positions = [np.arange(start, start + n) for start, n in zip(step.starts, step.prompt_lens, strict=True)]
     else:
         positions = [np.array([length - 1]) for length in step.context_lens]
-    slots = [
-        np.asarray(table)[pos // block_size] * block_size + pos % block_size
-        for table, pos in zip(block_tables, positions, strict=True)
-    ]
     inputs = {
         INPUT_IDS: np.concatenate([np.asarray(x) for x in tokens]),
         POSITIONS: np.concatenate(positions),
-        SLOTS: np.concatenate(slots),
+        SLOTS: np.concatenate([slots(t, p) for t, p in zip(block_tables, positions, strict=True)]),
     }
     if isinstance(step, Prefill):
         inputs[LAST_TOKENS] = np.cumsum(step.prompt_lens) - 1
+        if any(step.starts):  # each later chunk's whole context, as the forward pass gathers it
+            chunks = zip(block_tables, step.starts, step.prompt_lens, strict=True)
+            inputs[CONTEXT_SLOTS] = np.concatenate([slots(t, np.arange(s + n)) for t, s, n in chunks if s])
     else:
         padded = np.zeros((step.batch, step.max_blocks), I32)  # entries past a request's blocks are never read
         for row, table in zip(padded, block_tables, strict=True):

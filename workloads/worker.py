@@ -10,7 +10,8 @@ Protocol: JSON lines, one request on stdin, one answer on stdout, in order:
   {"op": "export", "pids": [P, ...]}                    -> {"keys": {pool: key}}
   {"op": "attach_peer", "keys": {pool: key}}            -> {}   (disaggregated: import the prefill worker's pools,
                                                                   on another NPU)
-  {"op": "prefill", "prompts": [[t...]], "blocks": [[b...]]}
+  {"op": "prefill", "prompts": [[t...]], "blocks": [[b...]], "starts": [n...]}   (prompts or chunks; starts:
+                                                                  tokens of each already in the KV cache)
   {"op": "decode", "tokens": [t...], "context_lens": [n...], "blocks": [[b...]]}
                                         -> {"tokens": [...], "device_ms": x, "host_ms": y, "issue_ms": z}
   {"op": "pull", "blocks": [[src, dst], ...]}           -> {}   (disaggregated: copy KV blocks from the imported
@@ -83,9 +84,9 @@ class Worker:
         self.peer = {name: self._import(key, IMPORT_PEER) for name, key in keys.items()}
         return {}
 
-    def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> dict:
+    def prefill(self, prompts: list[list[int]], blocks: list[list[int]], starts: list[int] | None = None) -> dict:
         model = self._model()
-        return self._timed(model, model.prefill(prompts, blocks))
+        return self._timed(model, model.prefill(prompts, blocks, starts))
 
     def decode(self, tokens: list[int], context_lens: list[int], blocks: list[list[int]]) -> dict:
         model = self._model()

@@ -18,9 +18,10 @@ import trio
 from reference_model import reference_greedy
 
 from tests.conftest import requires_mount
-from workloads.deploy import ServeSpec, deployment
+from tools.launch import deployment
 from workloads.model import model_config
 from workloads.serving import EngineError
+from workloads.spec import ServeSpec
 from workloads.weights import random_checkpoint
 
 TINY = model_config("tiny")
@@ -75,7 +76,8 @@ def test_killing_the_decode_worker_ends_its_requests_and_the_prefill_goes_on(tmp
         async with deployment("colocated", SPEC, tmp_path) as engine:
             first = await complete(engine, "before", PROMPTS[0])
             assert first[1] == "length"
-            os.kill(engine.decode.worker.pid, signal.SIGKILL)
+            decode = next(w for w in engine.workers.values() if w.core.name == "decode")
+            os.kill(decode.process.pid, signal.SIGKILL)
             with pytest.raises(EngineError, match="decode engine .* killed by signal 9"):
                 await complete(engine, "during", PROMPTS[1])
             # A one-token request never needs the decode worker: the prefill worker still serves it.

@@ -16,10 +16,11 @@ from sim.run import Workload, simulate
 from sim.serving import SimSpec
 from tests.conftest import requires_mount
 from tools.bench_serve import to_modeled
-from workloads.deploy import ServeSpec, deployment
+from tools.launch import deployment
 from workloads.loadgen import run_load
 from workloads.model import model_config
 from workloads.server import serve
+from workloads.spec import ServeSpec
 from workloads.traffic import Lengths
 
 TIME_SCALE = 8.0  # wall seconds per modeled second: the host's work stays small beside the paced device

@@ -255,6 +255,17 @@ def test_decode_as_captured_graphs_gives_the_reference_tokens(acl, expected, buc
         model.close()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_chunked_prefill_gives_the_reference_tokens(acl, expected, chunk):
+    """Prompts prefilled a chunk at a time: each later chunk attends to the context already in the paged cache
+    (gathered from the pools) and causally to itself, so the tokens are the whole prompt's."""
+    model = tiny_model(acl)
+    try:
+        assert generate(model, PROMPTS, STEPS, chunk=chunk) == expected
+    finally:
+        model.close()
+
+
 def test_tiny_model_gives_the_same_tokens_whatever_blocks_it_is_given(acl, expected):
     """Scattered, interleaved blocks (the pool's last ones first) read the same cache as contiguous ones."""
     model = tiny_model(acl)

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,10 +27,11 @@ from scheduler.stream import Phase
 from sim.run import Outcome, Workload, simulate
 from sim.serving import SimSpec, Simulation
 from sim.steps import StepCosts
+from tests.conftest import ROOT
 from tools.vdevctl import main
 from workloads.batching import Scheduled, StepKind, StepPlan
-from workloads.deploy import ServeSpec
 from workloads.model import CacheConfig, Decode, Prefill, forward, model_config
+from workloads.spec import ServeSpec
 from workloads.traffic import CONVERSATION, Length, Lengths, RequestResult, Slo
 
 QWEN = model_config("qwen2.5-7b")
@@ -197,11 +200,11 @@ def check_completed(requests: list[tuple[float, int, int]], results: list[Reques
 
 def check_drained(sim: Simulation) -> None:
     """Nothing left anywhere: every KV block free, no request in any batcher, inbox or router count."""
-    for engine in sim.entries + sim.decoders:
+    for engine in sim.coordinator.instances:
         assert engine.batcher.pool.num_used == 0, engine.name
         stats = engine.batcher.stats()
         assert (stats.running, stats.waiting, stats.handing_over) == (0, 0, 0), engine.name
-        assert (engine.outstanding, engine.inbox, engine.idle) == (0, [], True), engine.name
+        assert (engine.outstanding, engine.inbox, sim.engines[engine].idle) == (0, [], True), engine.name
 
 
 @pytest.mark.parametrize(("deployment", "npus", "changes"), DEPLOYMENTS)
@@ -229,7 +232,7 @@ def test_a_pool_too_small_for_all_preempts_and_recomputes_and_still_completes_ev
     sim = Simulation(small_spec(deployment, npus, num_blocks=16, **changes))
     requests = [(0.01 * i, 100, 100) for i in range(5)]
     check_completed(requests, sim.run(requests))
-    assert sum(e.batcher.stats().preemptions for e in sim.entries + sim.decoders) > 0
+    assert sum(e.batcher.stats().preemptions for e in sim.coordinator.instances) > 0
     check_drained(sim)
 
 
@@ -266,20 +269,20 @@ def test_new_requests_go_to_the_least_loaded_chip():
 
 def test_colocated_prefill_and_decode_engines_of_a_chip_share_one_block_pool():
     sim = Simulation(small_spec("colocated", npus=2))
-    assert len(sim.entries) == len(sim.decoders) == 2
-    for prefill, decode in zip(sim.entries, sim.decoders, strict=True):
-        assert prefill.chip is decode.chip
+    assert len(sim.coordinator.entries) == len(sim.coordinator.decoders) == 2
+    for prefill, decode in zip(sim.coordinator.entries, sim.coordinator.decoders, strict=True):
+        assert sim.engines[prefill].chip is sim.engines[decode].chip
         assert prefill.batcher.pool is decode.batcher.pool
         assert prefill.batcher.pool.total == 256
-    assert sim.entries[0].batcher.pool is not sim.entries[1].batcher.pool
+    assert sim.coordinator.entries[0].batcher.pool is not sim.coordinator.entries[1].batcher.pool
     assert sim.chips[0] is not sim.chips[1]
 
 
 def test_disaggregated_engines_have_their_own_pools_prefill_on_the_first_chips():
     sim = Simulation(small_spec("disaggregated", npus=3))  # prefill_npus 0: half, rounded up
-    assert [e.chip for e in sim.entries] == sim.chips[:2]
-    assert [e.chip for e in sim.decoders] == sim.chips[2:]
-    pools = [e.batcher.pool for e in sim.entries + sim.decoders]
+    assert [sim.engines[e].chip for e in sim.coordinator.entries] == sim.chips[:2]
+    assert [sim.engines[e].chip for e in sim.coordinator.decoders] == sim.chips[2:]
+    pools = [e.batcher.pool for e in sim.coordinator.instances]
     assert len({id(p) for p in pools}) == 3
 
 
@@ -632,3 +635,11 @@ def test_cli_never_simulates_a_context_longer_than_the_models(tmp_path):
         assert all(r["prompt_tokens"] + r["max_tokens"] <= 2048 for r in json.loads(out.read_text())["requests"])
     else:  # or refused by name
         assert isinstance(result.exception, SystemExit) and "2048" in result.output
+
+
+def test_the_simulator_imports_none_of_the_live_stack():
+    """sim runs the serving core and the policies, never the daemon, FUSE, trio, HTTP or plotting."""
+    blocked = ("pyfuse3", "trio", "httpx", "hypercorn", "matplotlib", "tqdm", "vdevfs", "tools")
+    code = f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\nimport sim.run, sim.serving, sim.steps"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
