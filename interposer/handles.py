@@ -1,8 +1,10 @@
 """Virtual objects: opaque typed handles per session, and device virtual addresses per virtual NPU.
 
-A handle is 64 bits: a type tag (8), the session id (16) and a per-session sequence number (40). A destroyed
+A handle is 64 bits: a type tag (8), the session's tag (16) and a per-session sequence number (40). A destroyed
 handle is never reused within its session, so use-after-destroy is reported as such instead of aliasing a
-newer object. Device addresses live far above any host address (x86-64 and arm64 user space stay below
+newer object. Session tags are unique among live sessions (SessionTags): a process's sessions on two devices
+never hand out the same handle, however many sessions came and went before (the client routes each handle to
+its device by its value). Device addresses live far above any host address (x86-64 and arm64 user space stay below
 2**48), so the interposer can tell a device pointer from a host pointer for ACL_MEMCPY_DEFAULT.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from npu.errors import AclError, InvalidHandle, InvalidParam
+from npu.errors import AclError, FlexNPUError, InvalidHandle, InvalidParam
 from npu.memory import Buffer, Region
 
 SEQ_BITS = 40
@@ -23,6 +25,7 @@ DEVICE_VA_BASE = 0x1000_0000_0000_0000
 VA_SPAN_PER_VDEV = 1 << 52
 VA_ALIGN = 1 << 16  # also leaves a guard gap after each allocation, so small overruns hit no neighbour
 FREED_REMEMBERED = 4096
+_MISSING = object()
 
 
 class Kind(IntEnum):
@@ -37,31 +40,66 @@ def is_device_address(ptr: int) -> bool:
     return ptr >= DEVICE_VA_BASE
 
 
+class SessionTags:
+    """The session field of handles: a tag no other live session holds (1 .. 2**SESSION_BITS - 1), handed out
+    round-robin so a tag given back is the last to be reused. More live sessions than tags is an error."""
+
+    def __init__(self, bits: int = SESSION_BITS) -> None:
+        self.count = (1 << bits) - 1
+        self._live: set[int] = set()
+        self._next = 1
+
+    def take(self) -> int:
+        if len(self._live) >= self.count:
+            raise FlexNPUError(
+                f"{len(self._live)} sessions are open: every session tag of the handle format is taken; close "
+                "sessions first",
+                AclError.RT_OVER_LIMIT,
+            )
+        while True:
+            tag, self._next = self._next, self._next % self.count + 1
+            if tag not in self._live:
+                self._live.add(tag)
+                return tag
+
+    def give_back(self, tag: int) -> None:
+        self._live.discard(tag)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
+TAGS = SessionTags()  # one per process: every daemon session (and every direct-mode one) of this process
+
+
 class HandleTable:
     def __init__(self, session_id: int) -> None:
         self.session_id = session_id & ((1 << SESSION_BITS) - 1)
         self._next = 1
-        self._live: dict[int, tuple[Kind, Any]] = {}
+        self._kinds: dict[Kind, dict[int, Any]] = {kind: {} for kind in Kind}  # live objects by kind, by handle
 
     def add(self, kind: Kind, obj: Any) -> int:
         handle = (kind << 56) | (self.session_id << SEQ_BITS) | self._next
         self._next += 1
-        self._live[handle] = (kind, obj)
+        self._kinds[kind][handle] = obj
         return handle
 
     def get(self, handle: int, kind: Kind) -> Any:
-        entry = self._live.get(handle)
-        if entry is None or entry[0] != kind:
+        obj = self._kinds[kind].get(handle, _MISSING)
+        if obj is _MISSING:
             raise InvalidHandle(self._explain(handle, kind))
-        return entry[1]
+        return obj
 
     def remove(self, handle: int, kind: Kind) -> Any:
         obj = self.get(handle, kind)
-        del self._live[handle]
+        del self._kinds[kind][handle]
         return obj
 
     def values(self, kind: Kind) -> list[Any]:
-        return [obj for k, obj in self._live.values() if k == kind]
+        return list(self._kinds[kind].values())
+
+    def count(self, kind: Kind) -> int:
+        return len(self._kinds[kind])
 
     def _explain(self, handle: int, kind: Kind) -> str:
         name = kind.name.lower()
@@ -99,6 +137,7 @@ class AddressSpace:
         self._next = self._base
         self._starts: list[int] = []
         self._allocs: dict[int, Allocation] = {}
+        self._owned: dict[object, dict[int, Allocation]] = {}  # the same, by owner: a session's close is O(its own)
         self._freed: dict[int, None] = {}  # recently freed starts (insertion-ordered), to name a double free
 
     def map(self, size: int, buffer: Buffer, owner: object, offset: int = 0, imported: object = None) -> Allocation:
@@ -106,6 +145,7 @@ class AddressSpace:
         self._next = (start + size + 2 * VA_ALIGN - 1) // VA_ALIGN * VA_ALIGN
         alloc = Allocation(start, size, buffer, owner, offset, imported)
         self._allocs[start] = alloc
+        self._owned.setdefault(owner, {})[start] = alloc
         bisect.insort(self._starts, start)
         return alloc
 
@@ -126,7 +166,11 @@ class AddressSpace:
         if alloc.owner is not owner:
             raise InvalidParam(f"free(0x{ptr:x}): {self._stranger(ptr, alloc, owner)}")
         del self._allocs[ptr]
-        self._starts.remove(ptr)
+        owned = self._owned[owner]
+        del owned[ptr]
+        if not owned:
+            del self._owned[owner]
+        del self._starts[bisect.bisect_left(self._starts, ptr)]
         self._freed[ptr] = None
         if len(self._freed) > FREED_REMEMBERED:  # bounded: a long malloc/free loop must not grow the daemon
             del self._freed[next(iter(self._freed))]
@@ -151,7 +195,10 @@ class AddressSpace:
         return alloc if alloc is not None and alloc.owner is owner else None
 
     def allocations(self, owner: object) -> list[Allocation]:
-        return [a for a in self._allocs.values() if a.owner is owner]
+        return list(self._owned.get(owner, {}).values())
+
+    def count(self, owner: object) -> int:
+        return len(self._owned.get(owner, ()))
 
     def _find(self, ptr: int) -> Allocation | None:
         i = bisect.bisect_right(self._starts, ptr) - 1

@@ -7,8 +7,13 @@ The daemon keeps the allow-list (pids as the daemon sees them, which is what acl
 it holds across container pid namespaces) and who holds what: an export cannot be imported once closed or
 freed, its memory cannot be freed while imported, and the physical bytes stay until the exporter and every
 importer have let go (a killed importer's imports are closed with its session; a killed exporter's memory
-lives on until its importers close). Memory of another chip, imported with peer access, can only be copied to
-and from (over the chips' interconnect): no kernel reads another chip's memory.
+lives on until its importers close). The virtual NPU that allocated the memory pays its quota for it until then
+(`owe`, `settle`): a session cannot escape its quota by exporting memory and closing. Memory of another chip,
+imported with peer access, can only be copied to and from (over the chips' interconnect): no kernel reads
+another chip's memory, and the bytes go back to their own chip.
+
+Every lookup is by key or by session (`_held`), so a session's calls and its close cost what it holds, not what
+every session holds.
 """
 
 from __future__ import annotations
@@ -40,13 +45,20 @@ class IpcRegistry:
 
     def __init__(self) -> None:
         self.exports: dict[str, Export] = {}
+        self._held: dict[object, dict[Export, None]] = {}  # each session's exports and imports
+        self._payers: dict[Buffer, object] = {}  # memory whose allocating session is gone: the vNPU paying for it
+
+    def held(self, session: object) -> int:
+        """How many exports and imports `session` holds."""
+        return len(self._held.get(session, ()))
 
     def export(self, exporter: object, region: Region, physical: object, flags: int) -> str:
         if flags not in (0, EXPORT_DISABLE_PID_VALIDATION):
             raise InvalidParam(f"ipc_mem_get_export_key flags {flags} is not 0 (pid allow-list) or 1 (no validation)")
         key = secrets.token_hex(KEY_BYTES // 2)
         pids = None if flags == EXPORT_DISABLE_PID_VALIDATION else set()
-        self.exports[key] = Export(key, region, exporter, physical, pids)
+        export = self.exports[key] = Export(key, region, exporter, physical, pids)
+        self._hold(exporter, export)
         return key
 
     def allow(self, session: object, key: str, pids: list[int]) -> None:
@@ -79,6 +91,7 @@ class IpcRegistry:
         if importer is export.exporter or importer in export.importers:
             raise InvalidParam(f"ipc_mem_import_by_key: this process already holds key {key[:8]}…")
         export.importers.add(importer)
+        self._hold(importer, export)
         return export
 
     def close(self, session: object, key: str) -> Export:
@@ -86,6 +99,7 @@ class IpcRegistry:
         export = self._get(key, "ipc_mem_close")
         if session in export.importers:
             export.importers.discard(session)
+            self._let_go(session, export)
         elif session is export.exporter:
             export.closed = True
         else:
@@ -95,24 +109,44 @@ class IpcRegistry:
 
     def importers_of(self, session: object, buffer: Buffer) -> int:
         """How many importers hold exports of `session`'s `buffer` (its free must wait for 0)."""
-        return sum(
-            len(e.importers) for e in self.exports.values() if e.exporter is session and e.region.buffer is buffer
-        )
+        return sum(len(e.importers) for e in self._own_exports(session, buffer))
 
     def withdraw(self, session: object, buffer: Buffer) -> None:
         """`session` freed `buffer`: its exports of it close."""
-        for export in list(self.exports.values()):
-            if export.exporter is session and export.region.buffer is buffer:
-                export.closed = True
-                self._drop_if_done(export)
+        for export in self._own_exports(session, buffer):
+            export.closed = True
+            self._drop_if_done(export)
 
     def forget(self, session: object) -> None:
         """A session ended: its exports close, its imports are let go (its caller unmaps them)."""
-        for export in list(self.exports.values()):
+        for export in list(self._held.pop(session, ())):
             export.importers.discard(session)
             if export.exporter is session:
                 export.closed = True
             self._drop_if_done(export)
+
+    def owe(self, buffer: Buffer, vdev) -> None:
+        """`buffer`'s allocating session let go while importers still hold it: `vdev` pays until they let go."""
+        self._payers[buffer] = vdev
+
+    def settle(self, buffer: Buffer) -> None:
+        """`buffer`'s last holder let go: whoever was left paying for it stops."""
+        vdev = self._payers.pop(buffer, None)
+        if vdev is not None:
+            vdev.used -= buffer.size
+
+    def _own_exports(self, session: object, buffer: Buffer) -> list[Export]:
+        return [e for e in self._held.get(session, ()) if e.exporter is session and e.region.buffer is buffer]
+
+    def _hold(self, session: object, export: Export) -> None:
+        self._held.setdefault(session, {})[export] = None
+
+    def _let_go(self, session: object, export: Export) -> None:
+        held = self._held.get(session)
+        if held is not None:
+            held.pop(export, None)
+            if not held:
+                del self._held[session]
 
     def _get(self, key: str, what: str) -> Export:
         export = self.exports.get(key)
@@ -123,3 +157,4 @@ class IpcRegistry:
     def _drop_if_done(self, export: Export) -> None:
         if export.closed and not export.importers:
             del self.exports[export.key]
+            self._let_go(export.exporter, export)

@@ -1,8 +1,9 @@
 """The transport-independent half of a session: frames in, reply frames out.
 
 `answer(handler, records)` is a generator that yields each Wait the translator asks for and returns the
-reply frame (or None when the frame held only asynchronous records). The FUSE transport drives it with trio,
-direct mode with the calling thread, so both run exactly the same protocol logic.
+reply frame (or None when the frame held only asynchronous records). Direct mode drives it with the calling
+thread (`answer_sync`); the FUSE transport with trio (vdevfs/channel.py: inside write() as far as it goes
+without waiting, the rest in a task that read() waits for), so both run exactly the same protocol logic.
 """
 
 from __future__ import annotations
@@ -59,21 +60,6 @@ def answer_sync(handler: Handler, records: list[Record]) -> wire.Parts | None:
         while True:
             try:
                 wait.runner.wait_until(wait.done)
-            except FlexNPUError as exc:
-                wait = steps.throw(exc)
-            else:
-                wait = steps.send(None)
-    except StopIteration as stop:
-        return stop.value
-
-
-async def answer_async(handler: Handler, records: list[Record]) -> wire.Parts | None:
-    steps = answer(handler, records)
-    try:
-        wait = next(steps)
-        while True:
-            try:
-                await wait.runner.wait_until(wait.done)
             except FlexNPUError as exc:
                 wait = steps.throw(exc)
             else:

@@ -43,7 +43,7 @@ class VirtualNPU:
     gid: int = 0
     mode: int = 0o666  # file mode of its device node
     used: int = 0
-    sessions: list = field(default_factory=list)  # live Translators
+    sessions: dict = field(default_factory=dict)  # live Translators (as keys: a close is O(1))
     ipc: IpcRegistry = field(default_factory=IpcRegistry)  # shared by every virtual NPU of one daemon
     space: AddressSpace = field(init=False)
 

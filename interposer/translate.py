@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,9 +19,9 @@ from typing import NamedTuple
 import structlog
 from construct import ConstructError
 
-from interposer import wire
-from interposer.handles import HandleTable, Kind
-from interposer.limits import CoreLimits
+from interposer import limits, wire
+from interposer.handles import TAGS, HandleTable, Kind
+from interposer.limits import Backlog, Buffers, CoreLimits, Ledger, Tab, TooMany
 from interposer.topology import VirtualNPU
 from interposer.wire import Op, Record
 from npu.emulated import dtypes
@@ -81,15 +82,19 @@ def version_answer() -> Answer:
 
 
 class Translator:
-    def __init__(self, vdev: VirtualNPU, pid: int = 0) -> None:
+    def __init__(self, vdev: VirtualNPU, pid: int = 0, buffers: Buffers | None = None) -> None:
         self.id = next(_session_ids)
         self.vdev = vdev
         self.pid = pid
         self.phase = Phase.UNKNOWN
         self.greeted = False
         self.runner = vdev.physical.runner
-        self.handles = HandleTable(self.id)
+        tag = TAGS.take()  # unique among live sessions, so no two of a process's sessions share a handle
+        self._untag = weakref.finalize(self, TAGS.give_back, tag)
+        self.handles = HandleTable(tag)
         self.memory = 0  # bytes this session holds (rounded as the device counts them)
+        # Host bytes its objects hold (copies' data, graphs), within the transport's buffers (direct mode: none).
+        self.ledger = Ledger(buffers)
         self.deliveries: list[tuple[int, bytes]] = []  # async device-to-host bytes awaiting the next sync
         # The transport's say on keeping (seq, size) bytes of a delivery: the daemon bounds them, direct mode not.
         self.admit_delivery: Callable[[int, int], None] = lambda seq, size: None
@@ -100,8 +105,9 @@ class Translator:
         self.updating: dict[Stream, TaskUpdate] = {}  # streams whose work replaces a task group's
         self.limits = CoreLimits(vdev.physical.npu.profile)
         self.default_stream = self._open_stream()
+        self.backlog = Backlog(_queued_on(self.default_stream, self.handles))  # entries it has queued, bounded
         self.log = log.bind(session=self.id, pid=pid, device=vdev.name)
-        vdev.sessions.append(self)
+        vdev.sessions[self] = None
 
     # -- the entry point ----------------------------------------------------------------------------------
 
@@ -124,11 +130,15 @@ class Translator:
         engine = self.runner.engine
         for stream in self._streams():
             engine.remove_stream(stream)
+        self.capturing.clear()
+        self.grouping.clear()
+        self.updating.clear()
         self.vdev.ipc.forget(self)
         for alloc in self.vdev.space.allocations(self):
             self._unmap(alloc.start)
-        if self in self.vdev.sessions:
-            self.vdev.sessions.remove(self)
+        self.vdev.sessions.pop(self, None)
+        self.ledger.close()
+        self._untag()
         self.log.info("session_closed")
 
     def take_deliveries(self) -> list[tuple[int, bytes]]:
@@ -145,7 +155,7 @@ class Translator:
             "stream_phases": [{"phase": s.phase.value, "from": s.phase_from.value} for s in streams],
             "queued": sum(len(s.queue) for s in streams),
             "completed": sum(s.completed for s in streams),
-            "events": len(self.handles.values(Kind.EVENT)),
+            "events": self.handles.count(Kind.EVENT),
             "memory_used": self.memory,
         }
 
@@ -198,6 +208,16 @@ class Translator:
     def _streams(self) -> list[Stream]:
         return [self.default_stream, *self.handles.values(Kind.STREAM)]
 
+    def _room(self, kind: Kind, limit: int, code: AclError, what: str, more: int = 0) -> None:
+        """Refuse a new object of `kind` once the session holds `limit` (with `more` on the way)."""
+        held = self.handles.count(kind) + more
+        if held >= limit:
+            raise TooMany(
+                f"{what}: this process holds {held} {kind.name.lower().replace('_', ' ')}s on {self.vdev.name}, as "
+                f"many as one process may (as on a real device); destroy some first",
+                code,
+            )
+
     def _stream(self, handle: int) -> Stream:
         return self.default_stream if handle == 0 else self.handles.get(handle, Kind.STREAM)
 
@@ -241,21 +261,40 @@ class Translator:
         return Wait(self.runner, lambda: stream.idle, then)
 
     def _submit(self, stream: Stream, seq: int, make_task: Callable[[], Task], limits: Stream | None = None) -> None:
+        collector = self._collector(stream)
+        if collector is None:
+            self.backlog.admit(1, f"record seq {seq}")  # a refusal fails the session's next synchronisation
         try:
             task = make_task()
         except FlexNPUError as exc:
             self.log.info("async_record_refused", seq=seq, code=int(exc.code), error=exc.message)
-            collector = self._collector(stream)
             if collector is not None:
                 collector.failure = collector.failure or AsyncFailure(seq, exc)
             else:
                 self.runner.submit(FailEntry(stream, seq, error=exc))
             return
-        collector = self._collector(stream)
         if collector is not None:
-            collector.tasks.append(task)
+            self._collect(collector, [task], seq)
         else:
             self.runner.submit(TaskEntry(stream, seq, task=task, limits=limits))
+
+    def _collect(self, collector: Graph | TaskUpdate, tasks: list[Task], seq: int) -> None:
+        """Add tasks to a graph being captured (or a task update), within its room (limits.GRAPH_TASKS) and the
+        session's buffers (limits.GRAPH_TASK_BYTES a task). Past them the capture fails, as a real model stream
+        that is full does, and holds nothing more: capture_end (update_end) reports it."""
+        if collector.failure is not None:
+            return
+        try:
+            if len(collector.tasks) + len(tasks) > collector.room:
+                raise collector.overflow(len(collector.tasks) + len(tasks))
+            collector.tab.add(len(tasks) * limits.GRAPH_TASK_BYTES, f"{collector.what} ({len(tasks)} more tasks)")
+        except FlexNPUError as exc:
+            self.log.info("capture_refused", seq=seq, code=int(exc.code), error=exc.message)
+            collector.failure = AsyncFailure(seq, exc)
+            collector.tasks.clear()  # a failed capture is good for nothing: let its tasks go now
+            collector.tab.settle()
+            return
+        collector.tasks.extend(tasks)
 
     def _collector(self, stream: Stream) -> Graph | TaskUpdate | None:
         """Where a stream's tasks go instead of the device: a graph being captured, or a task group's update."""
@@ -275,12 +314,21 @@ class Translator:
         return error_answer(first.error.code, f"asynchronous record seq {first.seq} failed: {first.error.message}")
 
     def _unmap(self, ptr: int) -> None:
-        """Give back an allocation (its quota too) or an import (the exporter's quota keeps paying for it)."""
+        """Give back an allocation or an import. The bytes go back to the chip they live on (an import with peer
+        access maps another chip's) once their last holder lets go; until then the virtual NPU that allocated
+        them pays its quota for them, even after the allocating session is gone (interposer/ipc.py)."""
         alloc = self.vdev.space.unmap(ptr, self)
-        self.vdev.physical.npu.memory.free(alloc.buffer)
+        buffer = alloc.buffer
+        ipc = self.vdev.ipc
         if alloc.imported is None:
-            self.vdev.used -= alloc.buffer.size
-            self.memory -= alloc.buffer.size
+            self.memory -= buffer.size
+            if buffer.holders > 1:  # still imported: the quota goes on paying until the last import closes
+                ipc.owe(buffer, self.vdev)
+            else:
+                self.vdev.used -= buffer.size
+        buffer.home.free(buffer)
+        if buffer.freed and alloc.imported is not None:
+            ipc.settle(buffer)
 
     def _deliver(self, seq: int) -> Callable[[Region], None]:
         def deliver(region: Region) -> None:
@@ -316,6 +364,7 @@ class Translator:
         return version_answer()
 
     def _context_create(self, seq, args, data):
+        self._room(Kind.CONTEXT, limits.CONTEXTS, AclError.RT_NO_STREAM_RESOURCE, "create_context")
         return ok(wire.COMMANDS[Op.CONTEXT_CREATE], handle=self.handles.add(Kind.CONTEXT, object()))
 
     def _context_destroy(self, seq, args, data):
@@ -325,6 +374,8 @@ class Translator:
     # -- streams and events -------------------------------------------------------------------------------
 
     def _stream_create(self, seq, args, data):
+        # The default stream counts, as on a real device.
+        self._room(Kind.STREAM, limits.STREAMS, AclError.RT_NO_STREAM_RESOURCE, "create_stream", more=1)
         return ok(wire.COMMANDS[Op.STREAM_CREATE], handle=self.handles.add(Kind.STREAM, self._open_stream()))
 
     def _stream_destroy(self, seq, args, data):
@@ -361,6 +412,7 @@ class Translator:
         return Wait(self.runner, self._idle, lambda: self._report(*self._streams()))
 
     def _event_create(self, seq, args, data):
+        self._room(Kind.EVENT, limits.EVENTS, AclError.RT_NO_EVENT_RESOURCE, "create_event")
         return ok(wire.COMMANDS[Op.EVENT_CREATE], handle=self.handles.add(Kind.EVENT, Event()))
 
     def _event_destroy(self, seq, args, data):
@@ -371,6 +423,7 @@ class Translator:
         stream = self._stream(args.stream)
         self._not_capturing(stream, "record_event")
         event = self.handles.get(args.event, Kind.EVENT)
+        self.backlog.admit(1, f"record_event seq {seq}")
         event.recorded += 1
         self.runner.submit(RecordEntry(stream, seq, event=event, generation=event.recorded))
 
@@ -378,6 +431,7 @@ class Translator:
         stream = self._stream(args.stream)
         self._not_capturing(stream, "stream_wait_event")
         event = self.handles.get(args.event, Kind.EVENT)
+        self.backlog.admit(1, f"stream_wait_event seq {seq}")
         self.runner.submit(WaitEntry(stream, seq, event=event, generation=event.recorded))
 
     def _event_reset(self, seq, args, data):
@@ -392,7 +446,7 @@ class Translator:
 
     def _event_query(self, seq, args, data):
         event = self.handles.get(args.handle, Kind.EVENT)
-        self.runner.engine.advance(self.runner.now())
+        self.runner.catch_up()
         return ok(wire.COMMANDS[Op.EVENT_QUERY], completed=int(event.completed >= event.recorded))
 
     def _event_elapsed(self, seq, args, data):
@@ -446,6 +500,7 @@ class Translator:
 
     def _ipc_export(self, seq, args, data):
         region = self._region(args.ptr, args.size, "ipc_mem_get_export_key dev_ptr")
+        self._keys_room("ipc_mem_get_export_key")
         key = self.vdev.ipc.export(self, region, self.vdev.physical, args.flags)
         return ok(wire.COMMANDS[Op.IPC_EXPORT], key=key.encode())
 
@@ -457,6 +512,7 @@ class Translator:
         return OK
 
     def _ipc_import(self, seq, args, data):
+        self._keys_room("ipc_mem_import_by_key")
         export = self.vdev.ipc.open(self, self.pid, _key(args.key), self.vdev.physical, args.flags)
         region = export.region
         region.buffer.holders += 1
@@ -469,6 +525,14 @@ class Translator:
             if alloc.imported is export:
                 self._unmap(alloc.start)
         return OK
+
+    def _keys_room(self, what: str) -> None:
+        held = self.vdev.ipc.held(self)
+        if held >= limits.IPC_KEYS:
+            raise TooMany(
+                f"{what}: this process holds {held} IPC memory keys (exported or imported), as many as one process "
+                f"may ({limits.IPC_KEYS}); close some with acl.rt.ipc_mem_close first"
+            )
 
     def _bare_tgid(self, seq, args, data):
         return ok(wire.COMMANDS[Op.BARE_TGID], pid=self.pid)
@@ -502,8 +566,11 @@ class Translator:
 
         def task():
             _check_count(args.count, data)
-            # A copy: the frame's buffer is reused for the next frame before this task runs.
-            return HostToDevice(self._region(args.dst, args.count, "memcpy_async dst"), bytes(data))
+            # A copy: the frame's buffer is reused for the next frame before this task runs. Its bytes count
+            # against the session's buffers for as long as a queue or a captured graph holds the task.
+            copy = HeldHostToDevice(self._region(args.dst, args.count, "memcpy_async dst"), bytes(data))
+            self.ledger.tab(copy).add(args.count, f"the data of asynchronous memcpy seq {seq}")
+            return copy
 
         self._submit(stream, seq, task)
 
@@ -581,11 +648,17 @@ class Translator:
         stream = self._stream(args.stream)
         if stream in self.capturing:
             raise InvalidParam("capture_begin: this stream is already being captured")
-        self.capturing[stream] = Graph()
+        self._room(Kind.GRAPH, limits.GRAPHS, AclError.RT_NO_MODEL_RESOURCE, "ri_capture_begin", len(self.capturing))
+        self.capturing[stream] = self._tabbed(Graph())
         return OK
 
     def _capture_end(self, seq, args, data):
         stream = self._stream(args.stream)
+        if stream in self.grouping:
+            raise InvalidParam(
+                "ri_capture_end: a task group is still open on this stream; end it with ri_capture_task_grp_end "
+                "first (the capture goes on)"
+            )
         graph = self.capturing.pop(stream, None)
         if graph is None:
             raise InvalidParam("capture_end: this stream is not being captured (call capture_begin on it first)")
@@ -598,10 +671,15 @@ class Translator:
         graph = self.handles.get(args.graph, Kind.GRAPH)
         stream = self._stream(args.stream)
         capture = self.capturing.get(stream)
-        if capture is not None:  # a replay inside a capture: the graph's tasks join the new graph
-            capture.tasks.extend(graph.tasks)
-        else:  # one submission for the whole graph: the engine catches up once, not once per task
+        if capture is not None:  # a replay inside a capture: the graph's tasks join the new graph, within its room
+            self._collect(capture, graph.tasks, seq)
+        else:  # one submission for the whole graph (at most GRAPH_TASKS): the engine catches up once
+            self.backlog.admit(len(graph.tasks), f"ri_execute_async seq {seq}")
             self.runner.submit_all([TaskEntry(stream, seq, task=task) for task in graph.tasks])
+
+    def _tabbed(self, collector: Graph | TaskUpdate) -> Graph | TaskUpdate:
+        collector.tab = self.ledger.tab(collector)
+        return collector
 
     def _graph_destroy(self, seq, args, data):
         self.handles.remove(args.handle, Kind.GRAPH)
@@ -616,16 +694,17 @@ class Translator:
         graph = self.capturing.get(stream)
         if graph is None or stream in self.grouping:
             raise InvalidParam("ri_capture_task_grp_begin: the stream must be capturing, outside a task group")
+        self._room(Kind.TASK_GROUP, limits.TASK_GROUPS, AclError.RT_OVER_LIMIT, "ri_capture_task_grp_begin")
         self.grouping[stream] = len(graph.tasks)
         return OK
 
     def _group_end(self, seq, args, data):
         stream = self._stream(args.stream)
         start = self.grouping.pop(stream, None)
-        if start is None:
+        graph = self.capturing.get(stream)
+        if start is None or graph is None:
             raise InvalidParam("ri_capture_task_grp_end: no task group began on this stream")
-        graph = self.capturing[stream]
-        group = TaskGroup(graph, start, len(graph.tasks) - start)
+        group = TaskGroup(graph, start, max(0, len(graph.tasks) - start))
         return ok(wire.COMMANDS[Op.GRAPH_GROUP_END], handle=self.handles.add(Kind.TASK_GROUP, group))
 
     def _update_begin(self, seq, args, data):
@@ -633,7 +712,7 @@ class Translator:
         group = self.handles.get(args.group, Kind.TASK_GROUP)
         if stream in self.capturing or stream in self.updating:
             raise InvalidParam("ri_capture_task_update_begin: the stream must be neither capturing nor updating")
-        self.updating[stream] = TaskUpdate(group)
+        self.updating[stream] = self._tabbed(TaskUpdate(group))
 
     def _update_end(self, seq, args, data):
         """Replace the group's tasks; a refusal fails the stream (its next synchronisation reports it)."""
@@ -728,10 +807,25 @@ class VersionOnly:
 
 @dataclass(eq=False)
 class Graph:
-    """Work captured from a stream, replayed by one record: the same tasks, so the same numerics and cost."""
+    """Work captured from a stream, replayed by one record: the same tasks, so the same numerics and cost. A
+    replay inside a capture is flattened into the new graph, so a launch is one submission of at most `room`
+    tasks however graphs nest."""
 
     tasks: list[Task] = field(default_factory=list)
     failure: AsyncFailure | None = None
+    tab: Tab | None = None  # the bytes it is counted for in the session's buffers
+    what = "the captured graph"
+
+    @property
+    def room(self) -> int:
+        return limits.GRAPH_TASKS
+
+    def overflow(self, n: int) -> FlexNPUError:
+        return TooMany(
+            f"the captured graph would hold {n} tasks, past the {self.room} a graph may hold (a real model "
+            "stream's queue is as deep: the model stream is full); capture less per graph",
+            AclError.RT_STREAM_TASK_FULL,
+        )
 
 
 @dataclass(frozen=True)
@@ -750,6 +844,30 @@ class TaskUpdate:
     group: TaskGroup
     tasks: list[Task] = field(default_factory=list)
     failure: AsyncFailure | None = None
+    tab: Tab | None = None
+
+    @property
+    def room(self) -> int:  # an update issues the group's operators again, no more
+        return self.group.count
+
+    what = "the task update"
+
+    def overflow(self, n: int) -> FlexNPUError:
+        return InvalidParam(
+            f"ri_capture_task_update_end: the update issued {n} tasks, the task group holds {self.group.count}; "
+            "an update must issue the same operators in the same order"
+        )
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class HeldHostToDevice(HostToDevice):
+    """An asynchronous host-to-device copy whose bytes the session's buffers count while the task lives."""
+
+
+def _queued_on(default: Stream, handles: HandleTable) -> Callable[[], int]:
+    """How many entries a session's streams hold; no reference to the session, so a closed one is freed at once
+    (its events and graphs with it) instead of at the garbage collector's next full pass."""
+    return lambda: len(default.queue) + sum(len(s.queue) for s in handles.values(Kind.STREAM))
 
 
 def _spec(op: str, which: str, description) -> TensorSpec:

@@ -10,6 +10,7 @@ from a trio task in real time, direct mode and simulations from the calling thre
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
 
 import structlog
@@ -37,6 +38,9 @@ class Engine:
         self.policy = policy
         self.t = 0.0  # modeled time everything has been processed up to
         self.streams: dict[Stream, None] = {}  # insertion-ordered: dispatch order never depends on hashes
+        # Streams with queued work, less those whose head waits on an event (parked on it until its record
+        # completes): a dispatch pass costs the streams that can move, not every stream of every session.
+        self.busy: dict[Stream, None] = {}
         self.running: list[TaskEntry] = []  # tasks handed to the chip, in start order
         self._arrivals = itertools.count()
         # (phase, start, finish, cube cores, vector cores) of every finished kernel, when someone wants a timeline
@@ -58,6 +62,7 @@ class Engine:
         """Drop a stream and what is still queued on it (its owner is gone or destroyed it). A task already on
         the chip runs to its end, as on hardware; its completion is then ignored."""
         self.streams.pop(stream, None)
+        self.busy.pop(stream, None)
         stream.queue.clear()
 
     def submit(self, entry: Entry, now: float) -> None:
@@ -76,6 +81,7 @@ class Engine:
             if isinstance(entry, TaskEntry):
                 entry.phase = entry.stream.phase
             entry.stream.queue.append(entry)
+            self.busy[entry.stream] = None
         self._dispatch()
 
     @property
@@ -84,14 +90,19 @@ class Engine:
 
     # -- what a driver calls ------------------------------------------------------------------------------
 
-    def advance(self, now: float) -> float | None:
-        """Process everything that happens up to modeled time `now`; return the time of the next event."""
+    def advance(self, now: float, deadline: float | None = None) -> float | None:
+        """Process everything that happens up to modeled time `now`; return the time of the next event. With a
+        `deadline` (time.monotonic()), stop once it has passed with events still due, and return the first of
+        them (at or before `now`): the driver lets others in, then calls again, so no tenant's backlog holds
+        the daemon for longer than that."""
         npu = self.npu
         while True:
             self._dispatch()
             nxt = npu.next_event()
             if nxt is None or nxt > now:
                 break
+            if deadline is not None and time.monotonic() > deadline:
+                return nxt
             self.t = max(self.t, nxt)
             for job in npu.advance(self.t):
                 self._finish(job.owner)
@@ -125,19 +136,28 @@ class Engine:
         assert popped is entry
         stream.completed += 1
         if not stream.queue:
+            self.busy.pop(stream, None)
             self.policy.drained(stream, self.t)
         if isinstance(entry, RecordEntry):
-            assert entry.event is not None
-            entry.event.completed = max(entry.event.completed, entry.generation)
-            entry.event.timestamp = self.t
+            event = entry.event
+            assert event is not None
+            event.completed = max(event.completed, entry.generation)
+            event.timestamp = self.t
+            if event.waiters:  # their heads may move now
+                for waiter in event.waiters:
+                    self.busy[waiter] = None
+                event.waiters = None
 
     def _dispatch(self) -> None:
         """Complete zero-time heads (records, satisfied waits, failures), then let the policy start tasks."""
         while True:
             ready: list[TaskEntry] = []
             progressed = False
-            for stream in self.streams:
-                if stream.running is not None or not stream.queue:
+            for stream in list(self.busy):
+                if not stream.queue or stream not in self.streams:  # drained, or removed while parked
+                    del self.busy[stream]
+                    continue
+                if stream.running is not None:
                     continue
                 head = stream.queue[0]
                 if isinstance(head, TaskEntry):
@@ -147,6 +167,10 @@ class Engine:
                     # Sticky failure: skip the stream's tasks until a synchronisation reports it.
                 elif isinstance(head, WaitEntry):
                     if not head.satisfied:
+                        del self.busy[stream]  # parked until the record it waits for completes
+                        event = head.event
+                        event.waiters = event.waiters or []
+                        event.waiters.append(stream)
                         continue
                 elif isinstance(head, FailEntry):
                     assert head.error is not None

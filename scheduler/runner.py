@@ -51,6 +51,10 @@ class Runner:
     def now(self) -> float:
         return self.clock.now()
 
+    def catch_up(self) -> None:
+        """Process what is due by now (before answering a query about the engine's state)."""
+        self.engine.advance(self.clock.now())
+
     def set_policy(self, policy: Policy) -> None:
         """Switch the engine's policy now; ValueError, and nothing changed, if it cannot work on this chip."""
         policy.check(self.engine.npu.profile)  # before the engine moves
@@ -88,6 +92,26 @@ class TrioRunner(Runner):
     def _kick(self) -> None:
         self._wakeup.set()
 
+    def submit(self, entry: Entry) -> None:
+        self.engine.submit(entry, self._present())
+        self._kick()
+
+    def submit_all(self, entries: list[Entry]) -> None:
+        self.engine.submit_all(entries, self._present())
+        self._kick()
+
+    def catch_up(self) -> None:
+        self._present()
+
+    def _present(self) -> float:
+        """Now, as far as the engine catches up within a burst. An engine that has fallen behind the wall clock
+        (a tenant's flood of tiny tasks costs more of our time than of the chip's) takes new work at its own
+        present instead of first working off the backlog in the caller's turn: others' calls are not held up,
+        and their work runs beside the flood, as on a chip, not after it."""
+        now = self.clock.now()
+        nxt = self.engine.advance(now, time.monotonic() + BURST_S)
+        return now if nxt is None or nxt > now else self.engine.t
+
     async def run(self) -> None:
         while True:
             nxt = self._advance()
@@ -105,17 +129,18 @@ class TrioRunner(Runner):
                 await trio.lowlevel.checkpoint()  # let clients in between bursts
 
     def _advance(self) -> float | None:
-        """Advance to now. With no wall clock, run on through completions that are due at once (a burst of
-        at most BURST_S of our time) instead of a scheduler pass per completion."""
-        nxt = self.engine.advance(self.clock.now())
+        """Advance to now, in a burst of at most BURST_S of our time: with no wall clock, run on through
+        completions that are due at once instead of a scheduler pass per completion; with one, stop there even
+        if the engine has fallen behind (one tenant's flood of tiny tasks), so other sessions get in between."""
         deadline = time.monotonic() + BURST_S
+        nxt = self.engine.advance(self.clock.now(), deadline)
         while nxt is not None and self.clock.until(nxt) == 0 and time.monotonic() < deadline:
-            nxt = self.engine.advance(self.clock.now())
+            nxt = self.engine.advance(self.clock.now(), deadline)
         return nxt
 
     async def wait_until(self, done: Callable[[], bool]) -> None:
+        self._kick()  # once: the driver then advances at each event, and a kick per pass would spin it
         while not done():
-            self._kick()
             await self._changed.wait()
             if not done() and not self.engine.running:
                 # The engine just advanced and nothing runs: what is queued waits on events that no queued

@@ -45,6 +45,7 @@ class Event:
     recorded: int = 0  # records submitted so far
     completed: int = 0  # records completed so far
     timestamp: float | None = None  # modeled time the latest completed record completed
+    waiters: list[Stream] | None = None  # streams whose head waits on it (the engine's business)
 
 
 @dataclass(eq=False)

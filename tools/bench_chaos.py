@@ -9,7 +9,10 @@ in 1 MiB pieces, or copies are asked for and their replies never read, until the
 40 % into the run, the daemon itself is killed with SIGKILL and restarted on its mount point; its clients are
 told their device was lost and start over. Then the abuse phase measures daemon RSS while 8 sessions leave
 copies of freed device memory unread and 8 send unfinished 256 MiB frames, with the default [daemon] buffer
-limits and, as the baseline from the same run, on a daemon whose limits are out of reach.
+limits and, as the baseline from the same run, on a daemon whose limits are out of reach. Last, the tenant
+phase (issue 15), on a daemon of its own in timing mode at real time: one tenant's graphs that replay graphs,
+streams and events and sessions until refused, copies queued behind kernels, each while another process's
+client times its memset + synchronize on the same chip (tools/chaos_bystander.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from interposer import wire
+from interposer import limits, wire
 from interposer.shim.flexnpu_client.client import FileTransport
 from tools import chaos_abuse, launch
 from tools.chaos_abuse import DEVICES, Vandal
@@ -57,6 +60,25 @@ memory = "2GiB"
 """
 MiB = 1 << 20
 ABUSERS = 8
+TENANT_CONFIG = """
+[daemon]
+time_scale = 1.0
+
+[[physical]]
+name = "npu0"
+chip = "910B2"
+mode = "timing"
+
+[[virtual]]
+name = "davinci0"
+physical = "npu0"
+memory = "8GiB"
+
+[[virtual]]
+name = "davinci1"
+physical = "npu0"
+memory = "8GiB"
+"""
 
 
 class Sampler(threading.Thread):
@@ -221,6 +243,57 @@ def _abuse_without_limits(base: Path) -> dict:
             sampler.stopped.set()
 
 
+TENANT_ATTACKS = {
+    "graphs": "graphs replaying graphs twice a level, until refused; the largest launched 4 times",
+    "objects": "streams, then events, in one session until refused",
+    "sessions": "sessions of one user until refused",
+    "queued_copies": "16 MiB copies queued behind kernels until refused",
+}
+
+
+def _tenants(base: Path, quick: bool) -> dict:
+    """One tenant against the others: each attack while another process's client (tools/chaos_bystander.py,
+    on the other virtual NPU of the same chip) times memset + synchronize; daemon RSS before, at its peak
+    during each attack and after."""
+    config, mount = base / "tenants.toml", base / "tenants"
+    config.write_text(TENANT_CONFIG)
+    with launch.daemon(mount, config, base / "tenants.log") as proc:
+        sampler = Sampler(proc.pid, mount)
+        sampler.start()
+        try:
+            node, other = mount / DEVICES[0], mount / DEVICES[1]
+            attacks = {
+                "graphs": lambda: chaos_abuse.graph_amplification(node),
+                "objects": lambda: chaos_abuse.objects(node, events=2_000 if quick else limits.EVENTS + 1),
+                "sessions": lambda: chaos_abuse.sessions(node),
+                "queued_copies": lambda: chaos_abuse.queued_copies(node),
+            }
+            figures: dict = {"rss_idle_MiB": sampler.now()[0]}
+            bystander = chaos_abuse.Bystander(other)
+            time.sleep(1 if quick else 3)
+            figures["alone"] = bystander.stop()
+            for name, attack in attacks.items():
+                _leftovers(mount)
+                sampler.reset_peak()
+                bystander = chaos_abuse.Bystander(other)
+                t = time.monotonic()
+                outcome = attack()
+                seconds = time.monotonic() - t
+                sampler.sample()
+                figures[name] = {
+                    **outcome,
+                    "seconds": seconds,
+                    "rss_peak_MiB": sampler.peak_rss,
+                    "held_peak_MiB": sampler.peak_held / MiB,
+                    "bystander": bystander.stop(),
+                }
+            figures["left"] = _leftovers(mount)
+            figures["rss_after_MiB"] = sampler.now()[0]
+            return figures
+        finally:
+            sampler.stopped.set()
+
+
 def run(quick: bool = False, seconds: float | None = None, workers: int | None = None) -> dict:
     seconds = seconds or (30.0 if quick else 150.0)
     workers = workers or (4 if quick else 8)
@@ -267,6 +340,7 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         recovered = "stale_mount_recovered" in log.read_text()
         totals = clients.totals()
         unlimited = _abuse_without_limits(base)
+        tenants = _tenants(base, quick or seconds < 30)
     return {
         "seconds": seconds,
         "clients": workers,
@@ -282,6 +356,7 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         "daemon_fds": {"before": fds_before, "peak": chaos_peak[1], "after": fds_after},
         "abuse": abuse,
         "abuse_without_limits": unlimited,
+        "tenants": tenants,
         "limits_MiB": {"session_buffer": Config.session_buffer / MiB, "daemon_buffer": Config.daemon_buffer / MiB},
         "targets": {"wrong": 0, "unexpected errors": 0, "left": "0 sessions, 0 bytes", "rss": "back to idle"},
     }
@@ -329,7 +404,47 @@ def render(r: dict) -> str:
             ]
         )
     )
+    out.append("\none tenant against another process's memset + synchronize on the same chip\n" + _render_tenants(r))
     problems = [*r["unexpected_exits"], *r["vandal_unexpected"], *r["errors"]]
     if problems:
         out.append("unexpected:\n  " + "\n  ".join(problems))
     return "\n".join(out)
+
+
+def _render_tenants(r: dict) -> str:
+    t = r["tenants"]
+
+    def other(b: dict) -> str:
+        errors = f", {b['errors']} errors" if b["errors"] else ""
+        return f"{b['median_ms']:.2f} / {b['max_ms']:.0f} ms{errors}"
+
+    outcome = {
+        "graphs": lambda f: (
+            f"{f['levels']} levels ({f['largest_tasks']:,} tasks), the next refused {f['refused']}; "
+            f"4 launches: sync {f['sync']}"
+        ),
+        "objects": lambda f: (
+            f"{f['streams']:,} streams (then {f['stream_refused']}), {f['events']:,} events"
+            + (f" (then {f['event_refused']})" if f["event_refused"] else "")
+            + f"; status read in {f['status_s'] * 1e3:.0f} ms"
+        ),
+        "sessions": lambda f: f"{f['sessions']} sessions, the next refused {f['refused']}",
+        "queued_copies": lambda f: (
+            f"{f['copies']} copies, the next refused {f['refused']}; {f['held_MiB']:.0f} MiB held"
+        ),
+    }
+    rows = [("attack", "what the daemon did", "other client: median / worst", "daemon RSS peak")]
+    rows.append(("none", "", other(t["alone"]), f"{t['rss_idle_MiB']:.0f} MiB idle"))
+    for name, label in TENANT_ATTACKS.items():
+        f = t[name]
+        rows.append((label, outcome[name](f), other(f["bystander"]), f"{f['rss_peak_MiB']:.0f} MiB"))
+    left = t["left"]
+    rows.append(
+        (
+            "after",
+            f"left: {left['sessions']} sessions, {left['memory_bytes']} B, {left['buffer_bytes']} B held",
+            "",
+            f"{t['rss_after_MiB']:.0f} MiB",
+        )
+    )
+    return plain(rows)

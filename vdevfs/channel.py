@@ -11,22 +11,34 @@ unfinished one was cut short by its writer). Either way one bad write never swal
 The first piece of a big frame reserves the whole frame in the session's buffer limits. A refusal must come
 there: once FUSE has passed on one piece of a write, a later piece's error only makes the write() short,
 which tells the writer nothing.
+
+write() never waits on the device. The kernel serialises direct writes per inode (it holds the inode's lock
+until the daemon answers the write), and every process using a virtual NPU shares its node: a write that
+waited for a long synchronize held up every other session's open + HELLO on that node until it finished. So
+a write decodes its frames and runs them as far as they go without waiting; a frame that must wait on the
+device (a synchronize, a blocking copy behind queued work) goes on in a task of its own, and read() waits
+for its reply instead (direct-io reads take no inode lock). Frames of one session still run strictly in
+order: a frame written while an earlier one waits is queued behind it, counted in the session's buffer limit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import mmap
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 
 import structlog
 import trio
 
 from interposer import wire
-from interposer.session import Handler, answer_async
+from interposer.session import Handler, answer
+from interposer.translate import Wait
 from interposer.wire import FrameBuffer, Op, Record
-from npu.errors import FlexNPUError, ProtocolError
+from npu.errors import AclError, FlexNPUError, ProtocolError
 from vdevfs.limits import BufferAccount, BufferFull
 
 # The shortest write that may end inside a frame. The client's own pieces are far longer: a big frame is one
@@ -34,34 +46,37 @@ from vdevfs.limits import BufferAccount, BufferFull
 MIN_PIECE = mmap.PAGESIZE
 REPLY_ROOM = 512  # kept for each synchronous record's reply: a header and an error message
 FRAME_START = wire.MAGIC + wire.PROTOCOL_VERSION.to_bytes(2, "little")
+Answering = Generator[Wait, None, "wire.Parts | None"]  # interposer.session.answer(), part way through
+
+
+class ReadBusy(FlexNPUError):
+    errno = errno.EBUSY
 
 
 @dataclass(eq=False)
 class Channel:
     handler: Handler
     log: structlog.typing.FilteringBoundLogger
-    account: BufferAccount  # what this session holds here: the unfinished frame, unread replies
+    account: BufferAccount  # what this session holds here: the unfinished frame, unread replies, queued frames
     spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None  # start a task in the daemon's nursery
     frames: FrameBuffer = field(default_factory=FrameBuffer)
     partial: int = 0  # the size of the unfinished frame, reserved by its first piece
     replies: list[bytes | memoryview] = field(default_factory=list)
     queued: int = 0  # bytes in replies
-    deferred: list[list[Record]] = field(default_factory=list)  # asynchronous-only frames not yet run
-    writing: bool = False
-    done_writing: trio.Event | None = None  # made only when a second writer has to wait
+    backlog: deque[tuple[list[Record], int]] = field(default_factory=deque)  # frames not yet run, bytes held
+    waiting: bool = False  # a frame is waiting on the device, in a task of its own
+    closed: bool = False
+    arrived: trio.Event | None = None  # made only when a reader has to wait for a reply
+    on_reply: Callable[[], None] | None = None  # told once a reply (or the end of a wait) comes: a poll's handle
+    _scope: trio.CancelScope | None = None  # the waiting task's, cancelled by close()
 
     def __post_init__(self) -> None:
         self.execute = self.handler.execute  # the session logic drives this channel as its Handler
 
-    async def write(self, data: bytes) -> None:
-        # Writes to one channel must not interleave while one waits on the device. This is a lock whose
-        # uncontended path costs a flag (a trio.Lock costs a few us per call, a large part of a round trip).
-        while self.writing:
-            self.done_writing = self.done_writing or trio.Event()
-            await self.done_writing.wait()
-        self.writing = True
+    def write(self, data: bytes) -> None:
+        """Take a write: whole frames are run now as far as they go without waiting on the device (never
+        longer: see the module's docstring); errors in the framing, or past the buffer limits, raise here."""
         try:
-            self._run_deferred()
             if self.partial and data[: len(FRAME_START)] == FRAME_START:
                 self.log.warning("frame_abandoned", announced=self.partial, reason="a new frame began")
                 self._drop_partial()
@@ -82,7 +97,7 @@ class Channel:
                 self.account.add(-self.partial)
                 self.partial = 0
             for count, body in complete:
-                await self._run(wire.decode_records(count, body))  # a malformed frame fails its own write
+                self._take(wire.decode_records(count, body), len(body))  # a malformed frame fails its own write
         except FlexNPUError as exc:
             # Drop the bad frame and whatever followed it in this write. The write fails with EINVAL; the
             # explanation waits in a reply (seq 0), if it fits, for a client that wants to tell its user.
@@ -92,35 +107,104 @@ class Channel:
             with contextlib.suppress(BufferFull):  # a client that never reads gets no more of them
                 self.account.check(sum(len(p) for p in explanation), "the explanation")
                 self._queue(explanation)
+                self._wake()
             raise
-        finally:
-            self.writing = False
-            if self.done_writing is not None:
-                self.done_writing.set()
-                self.done_writing = None
 
-    async def _run(self, records: list[Record]) -> None:
-        if self.spawn is not None and not records[-1].command.sync and not any(r.command.sync for r in records):
-            # Nobody waits for an answer: let the write return now and run the records right after, so the
-            # client encodes its next batch while the daemon translates this one.
-            self.deferred.append(records)
-            self.spawn(self._run_deferred_soon)
-            return
+    def _take(self, records: list[Record], size: int) -> None:
         room = 0  # kept for the reply: the bytes of blocking device-to-host copies, and a little per record
         for record in records:
             if record.command.op is Op.MEMCPY_D2H:
                 room += record.args.count
+        if self.waiting:
+            # Behind a frame that waits on the device: queued in order, its bytes and its reply's room counted.
+            held = size + room + REPLY_ROOM * len(records)
+            self.account.check(held, "this frame, queued behind one still waiting on the device")
+            self.account.add(held)
+            self.backlog.append((records, held))
+            return
+        if self.spawn is not None and not records[-1].command.sync and not any(r.command.sync for r in records):
+            # Nobody waits for an answer: let the write return now and run the records right after, so the
+            # client encodes its next batch while the daemon translates this one (a later write or read runs
+            # them first itself if it gets there first).
+            self.backlog.append((records, 0))
+            self.spawn(self._run_backlog_soon)
+            return
+        self._run_backlog()
+        if self.waiting:  # an earlier frame had to wait after all: this one queues behind it
+            self._take(records, size)
+            return
         if room or self.queued:  # a client that reads its replies asks for no room otherwise: keep its path short
             room += REPLY_ROOM * len(records)
             self.account.check(room, "the reply to this frame")
             self.account.add(room)
+        self._drive(answer(self, records), room, records)
+
+    def _drive(self, steps: Answering, held: int, records: list[Record], failure: Exception | None = None) -> None:
+        """Run a frame's answer until it is done, or must wait on the device: then a task waits for it."""
         try:
-            reply = await answer_async(self, records)
-        finally:
-            if room:
-                self.account.add(-room)
+            wait = steps.throw(failure) if failure is not None else next(steps)
+            while wait.done():  # done already (nothing queued ahead of it): no task, no wait
+                wait = steps.send(None)
+        except StopIteration as stop:
+            self._answered(held, stop.value)
+            return
+        except Exception as exc:  # a bug: this frame fails, the session and the daemon go on
+            seq = next((r.seq for r in reversed(records) if r.command.sync), records[-1].seq)
+            self.log.exception("frame_crashed", seq=seq)
+            message = f"the daemon failed answering this frame ({exc!r}); the daemon log has the traceback"
+            self._answered(held, wire.frame(wire.encode_reply(seq, AclError.INTERNAL_ERROR, message.encode()), 1))
+            return
+        if self.spawn is None:
+            raise RuntimeError("a channel without a nursery to wait in was asked to wait on the device")
+        self.waiting = True
+        self.spawn(functools.partial(self._wait, steps, wait, held, records))
+
+    def _answered(self, held: int, reply: wire.Parts | None) -> None:
+        if held:
+            self.account.add(-held)
         if reply is not None:
             self._queue(reply)
+
+    async def _wait(self, steps: Answering, wait: Wait, held: int, records: list[Record]) -> None:
+        failure = None
+        self._scope = trio.CancelScope()
+        with self._scope:
+            try:
+                await wait.runner.wait_until(wait.done)
+            except Exception as exc:  # a FlexNPUError becomes that record's error reply; a bug, the frame's
+                failure = exc
+        self._scope = None
+        if self.closed:  # the session closed under the wait (its process was killed): nobody to answer
+            steps.close()
+            return
+        self.waiting = False
+        self._drive(steps, held, records, failure)
+        self._run_backlog()
+        self._wake()
+
+    def _run_backlog(self) -> None:
+        """Run queued frames in arrival order until one has to wait on the device."""
+        while self.backlog and not self.waiting:
+            records, held = self.backlog.popleft()
+            self._drive(answer(self, records), held, records)
+
+    async def _run_backlog_soon(self) -> None:
+        if not self.waiting and not self.closed:
+            self._run_backlog()
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.arrived is not None:
+            self.arrived.set()
+            self.arrived = None
+        if self.on_reply is not None:
+            notify, self.on_reply = self.on_reply, None
+            with contextlib.suppress(OSError):  # the poller is gone (ENOENT): nobody to tell
+                notify()
+
+    def readable(self) -> bool:
+        """Whether a read would return at once (a reply is there, or none is coming)."""
+        return bool(self.replies) or not self.waiting
 
     def _queue(self, reply: wire.Parts) -> None:
         self.replies += reply
@@ -142,25 +226,33 @@ class Channel:
             self.account.add(-size)
         return taken
 
-    def _run_deferred(self) -> None:
-        """Run deferred frames in arrival order; a later write runs them first itself if it gets there first.
-        Asynchronous records never wait, so this runs to completion without yielding to other tasks."""
-        while self.deferred:
-            for record in self.deferred.pop(0):
-                self.handler.execute(record)
-
-    async def _run_deferred_soon(self) -> None:
-        self._run_deferred()
-
     def close(self) -> None:
-        self.deferred.clear()
+        self.closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+        self.backlog.clear()
         self.frames = FrameBuffer()  # most of a 256 MiB frame, maybe: free it now, not at some later GC
         self.replies.clear()
         self.handler.close()
         self.account.close()
+        self._wake()
 
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes of queued replies; the client reads until it has a whole frame."""
+    async def read(self, size: int) -> bytes:
+        """Up to `size` bytes of queued replies, once there are any (or none is coming): the client reads until
+        it has a whole frame. A read waits here while this session's frame waits on the device."""
+        if not self.waiting:
+            self._run_backlog()  # asynchronous frames a write left to run soon
+        while not self.replies and self.waiting and not self.closed:
+            if self.arrived is not None:
+                # Every waiting read holds one of the daemon's FUSE workers: one per session, or a process with
+                # many threads reading one file could take them all (a session's replies have one reader anyway).
+                self.log.warning("read_refused", reason="another read of this session is waiting")
+                raise ReadBusy(
+                    f"{self.account.device}: another thread is already waiting for this session's reply; "
+                    "read a session from one thread at a time (open the device again for a second session)"
+                )
+            self.arrived = trio.Event()
+            await self.arrived.wait()
         if len(self.replies) == 1 and len(self.replies[0]) <= size:  # the usual: one small reply, whole
             out = bytes(self.replies.pop())
         else:

@@ -19,6 +19,13 @@ from vdevfs.limits import BufferLimits, keep_pieces_in_the_heap
 
 log = structlog.get_logger()
 
+# FUSE requests handled at once. A session's read waits in the daemon while its frame waits on the device (so
+# that its write never holds the node's lock: vdevfs/channel.py), one read per session; pyfuse3's default of 99
+# let 99 sessions in a long synchronize stop every other request. Twice the daemon's session limit
+# (vdevfs/limits.py): a waiting read for every session, and as many requests again. A waiting request costs a
+# trio task and its request buffer's touched pages; idle workers exit.
+FUSE_WORKERS = 8192
+
 
 class MountError(Exception):
     pass
@@ -93,7 +100,7 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str, limits
             for unit in topology.physical:
                 nursery.start_soon(unit.runner.run)
             nursery.start_soon(_terminate_on_signal)
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=FUSE_WORKERS)
             nursery.cancel_scope.cancel()
     finally:
         for channel in list(fs.open_files.values()):

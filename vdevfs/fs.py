@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import select
 import stat
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from npu.errors import FlexNPUError
 from vdevfs import access
 from vdevfs.channel import Channel
 from vdevfs.control import Control
-from vdevfs.limits import BufferAccount, BufferLimits, give_back_freed_memory
+from vdevfs.limits import BufferAccount, BufferLimits, Tenants, give_back_freed_memory
 
 log = structlog.get_logger()
 
@@ -61,6 +62,7 @@ class DeviceFS(pyfuse3.Operations):
         super().__init__()
         self.topology = topology
         self.limits = limits
+        self.tenants = Tenants()  # sessions per user, bounded
         self.info = info  # daemon facts for the status file: pid, mount point, config source
         self.started = time.time()
         self.names: dict[bytes, int] = {STATUS_NAME.encode(): STATUS_INODE, CONTROL_NAME.encode(): CONTROL_INODE}
@@ -140,9 +142,12 @@ class DeviceFS(pyfuse3.Operations):
             content = Control(self.topology, log.bind(pid=ctx.pid, uid=ctx.uid))
         elif inode in self.devices:
             vdev = self.devices[inode]
-            translator = Translator(vdev, pid=ctx.pid)
-            content = Channel(translator, translator.log, BufferAccount(self.limits, vdev.name), spawn=self.spawn)
+            self.tenants.admit(ctx.uid, vdev.name)
+            account = BufferAccount(self.limits, vdev.name)
+            translator = Translator(vdev, pid=ctx.pid, buffers=account)
+            content = Channel(translator, translator.log, account, spawn=self.spawn)
             translator.admit_delivery = content.account.admit_delivery
+            self.tenants.hold(content, ctx.uid)
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
             name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
             content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name), BufferAccount(self.limits, name))
@@ -158,7 +163,7 @@ class DeviceFS(pyfuse3.Operations):
         if isinstance(channel, Control):
             channel.write(buf)
         elif isinstance(channel, Channel):
-            await channel.write(buf)
+            channel.write(buf)  # never waits on the device: the kernel holds the node's lock until we answer
         else:
             raise pyfuse3.FUSEError(errno.EBADF)
         return len(buf)
@@ -168,14 +173,28 @@ class DeviceFS(pyfuse3.Operations):
         content = self.open_files.get(fh)
         if isinstance(content, bytes):
             return content[off : off + size]
+        if isinstance(content, Channel):
+            return await content.read(size)  # waits while this session's frame waits on the device
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return content.read(size)
 
     @fuse_handler
+    async def poll(self, inode, fh, poll_handle, ctx):
+        """Readable once a reply is there (or none is coming), so a client may wait in poll() or select()
+        instead of in a read; always writable (a write never waits on the device)."""
+        content = self.open_files.get(fh)
+        if not isinstance(content, Channel) or content.readable():
+            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
+        if poll_handle is not None:
+            content.on_reply = poll_handle.notify
+        return select.POLLOUT | select.POLLWRNORM
+
+    @fuse_handler
     async def release(self, fh):
         content = self.open_files.pop(fh, None)
         if isinstance(content, Channel):
+            self.tenants.release(content)
             content.close()
             give_back_freed_memory()
 
@@ -201,6 +220,7 @@ class DeviceFS(pyfuse3.Operations):
         """The status file as the requester sees it: only the virtual NPUs they may open, and their sessions."""
         status = {
             "daemon": {**self.info, "uptime_s": round(time.time() - self.started, 1), "buffers": self.limits.status()}
+            | self.tenants.status()
         }
         status |= self.topology.status()
         if uid != 0:

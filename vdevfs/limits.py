@@ -13,7 +13,11 @@ import ctypes
 import errno
 from dataclasses import dataclass
 
+import structlog
+
 from npu.errors import AclError, FlexNPUError
+
+log = structlog.get_logger()
 
 MiB = 1 << 20
 # A session holding less than this is never refused for the daemon's sake: small calls go on, whatever other
@@ -52,8 +56,9 @@ class BufferAccount:
         if self.held + extra > limits.session:
             raise BufferFull(
                 f"{self.device}: {what} ({_mib(extra)}) would take this session past its buffer limit of "
-                f"{_mib(limits.session)} ({_mib(self.held)} already held in unread replies and unfinished frames; "
-                "[daemon] session_buffer): read the replies you asked for, or copy in smaller pieces"
+                f"{_mib(limits.session)} ({_mib(self.held)} already held in unread replies, unfinished frames, queued "
+                "copies and captured graphs; [daemon] session_buffer): read the replies you asked for, synchronize, "
+                "destroy graphs you no longer launch, or copy in smaller pieces"
             )
         if self.held + extra > ALLOWANCE and limits.held + extra > limits.total:
             raise BufferFull(
@@ -78,6 +83,65 @@ class BufferAccount:
     def close(self) -> None:
         self.add(-self.held)
         self.delivering = 0
+
+
+# Sessions (open device files). No CANN figure: a real device has no session table to fill, but every session
+# here costs the daemon memory and its status a line, so a user may hold SESSIONS_PER_USER at once and all users
+# together SESSIONS (below the 65,535 session tags of the handle format, interposer/handles.py). What one session
+# may hold is bounded in interposer/limits.py, so a user's worst case is SESSIONS_PER_USER times that.
+SESSIONS_PER_USER = 64
+SESSIONS = 4096
+
+
+class SessionRefused(FlexNPUError):
+    """open() of a device node refused: EUSERS (this user's limit) or ENFILE (the daemon's); the client maps both
+    to ACL_ERROR_RT_OVER_LIMIT."""
+
+    code = AclError.RT_OVER_LIMIT
+    errno = errno.EUSERS
+
+
+@dataclass(eq=False)
+class Tenants:
+    """Who holds the daemon's sessions: open device files per uid, each bounded."""
+
+    per_user: int = SESSIONS_PER_USER
+    total: int = SESSIONS
+
+    def __post_init__(self) -> None:
+        self.by_uid: dict[int, int] = {}
+        self.owners: dict[object, int] = {}  # each open session (its channel) -> uid
+
+    def admit(self, uid: int, device: str) -> None:
+        """May `uid` open one more session? Raises SessionRefused (logged here) if not."""
+        held = self.by_uid.get(uid, 0)
+        if held >= self.per_user or len(self.owners) >= self.total:
+            mine = held >= self.per_user
+            exc = SessionRefused(
+                f"{device}: uid {uid} has {held} sessions open, as many as one user may ({self.per_user})"
+                if mine
+                else f"{device}: the daemon serves {len(self.owners)} sessions, as many as it may ({self.total})"
+            )
+            if not mine:
+                exc.errno = errno.ENFILE
+            log.warning("session_refused", uid=uid, device=device, error=exc.message)
+            raise exc
+
+    def hold(self, session: object, uid: int) -> None:
+        self.owners[session] = uid
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+
+    def release(self, session: object) -> None:
+        uid = self.owners.pop(session, None)
+        if uid is not None:
+            left = self.by_uid[uid] - 1
+            if left:
+                self.by_uid[uid] = left
+            else:
+                del self.by_uid[uid]
+
+    def status(self) -> dict:
+        return {"sessions": len(self.owners), "session_limit": self.total, "sessions_per_user_limit": self.per_user}
 
 
 def _mib(n: int) -> str:

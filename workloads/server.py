@@ -1,26 +1,45 @@
-"""The OpenAI-compatible HTTP front end: `/v1/completions` (plain and streamed), `/v1/models`, `/metrics`.
+"""The OpenAI-compatible HTTP front end: `/v1/completions` (plain and streamed), `/v1/models`, `/metrics`,
+`/health`.
 
-A minimal ASGI app on trio rather than a framework: with three routes, the parts that matter are the ones a
+A minimal ASGI app on trio rather than a framework: with four routes, the parts that matter are the ones a
 framework hides. A request the engine rejects before its first token must still become a 4xx, so a stream's
 200 is sent only after that token; and a client that goes away must reach `engine.abort` at once, whatever
 ASGI spec version the server speaks (Starlette's StreamingResponse notices a disconnect by a watcher task
 below spec 2.4 and only at the next failed send above it, and says nothing of non-streamed requests). Here one
 watcher per request cancels its generation on `http.disconnect`, streamed or not.
 
+The watcher stops before a response's last message: that message ends the response, and with `Connection:
+close` (or HTTP/1.0) hypercorn then closes the connection and tells the app `http.disconnect`, which a watcher
+still running would take for the client going away and cancel the close half-way (the connection stayed open).
+
 Validation (`parse_completion`) is a pure function of the body and the engine; nothing it refuses reaches the
 engine. `serve()` runs the app under hypercorn on trio until SIGINT or SIGTERM.
+
+What one client can hold is bounded (`Limits`): a body must arrive whole within `body_timeout_s` (408, and the
+connection closes), be at most `max_body` bytes (413), and at most `max_in_flight` completions run at once
+(503 past it, at once); request headers must arrive within hypercorn's `keep_alive_timeout` and fit in its
+`h11_max_incomplete_size`. hypercorn's own `read_timeout` is not used: it cuts any connection whose client
+sends nothing for that long, a streamed completion included.
+
+Health: a supervisor (workloads/deploy.py) calls `Health.down(why)` once an engine process is gone and
+`Health.up()` once one serves again, or waits in `Health.wait_down()` to restart or exit. While down, every
+route answers 503 with the reason (`/health` included, 200 otherwise) but `/metrics`, which Prometheus must
+still scrape: it shows `flexnpu_engine_healthy 0`. Each change is logged.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import signal
+import sys
 import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
 
 import hypercorn.trio
+import structlog
 import trio
 from hypercorn.config import Config
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,8 +48,29 @@ from workloads import tokenizer
 from workloads.server_metrics import RequestTimer, ServerMetrics
 from workloads.serving import Engine, EngineError, RequestRejected
 
-MAX_BODY = 4 << 20  # far above the longest prompt a context of 32768 tokens allows, even as JSON ids
 DEFAULT_MAX_TOKENS = 16
+KEEP_ALIVE_TIMEOUT_S = 5.0  # an idle connection, or one whose request headers have not all come, is closed
+MAX_HEADERS = 16 << 10  # bytes of request line and headers (hypercorn's h11_max_incomplete_size)
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the server."""
+
+    max_body: int = 4 << 20  # far above the longest prompt a context of 32768 tokens allows, even as JSON ids
+    body_timeout_s: float = 10.0  # the whole body, from the request's head (a 4 MiB body at 400 KB/s)
+    max_in_flight: int = 4096  # completions at once (each holds a connection): past it, 503 at once
+
+    @classmethod
+    def for_fds(cls, **changes) -> Limits:
+        """max_in_flight within half the process's file descriptors (the rest: connections still sending their
+        headers, idle keep-alive ones, the engine's pipes and files)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            changes.setdefault("max_in_flight", max(16, min(cls.max_in_flight, soft // 2)))
+        return cls(**changes)
 
 
 class ApiError(Exception):
@@ -60,6 +100,13 @@ def parse_completion(body: bytes, engine: Engine) -> Completion:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except ValueError:  # Python refuses to convert an integer literal this long (a CPU sink: CVE-2020-10735)
+        limit = sys.get_int_max_str_digits()
+        raise ApiError(400, f"the body holds an integer of more than {limit} digits; no field takes one") from None
+    except RecursionError:
+        raise ApiError(
+            400, "the body nests arrays or objects too deeply to read (a completion request nests 2 levels)"
+        ) from None
     if not isinstance(request, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(request).__name__}")
     model = request.get("model")
@@ -109,16 +156,63 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class Health:
+    """Whether the engine behind the front end can serve, as its supervisor says (see the module's docstring).
+    `down(why)` and `up()` may be called from any trio task of the server's loop; repeating one is a no-op."""
+
+    def __init__(self, logger=None) -> None:
+        self.log = logger or log
+        self.reason: str | None = None  # why the engine cannot serve; None while it can
+        self.since: float | None = None  # when it went down (time.time())
+        self._went_down = trio.Event()
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    def down(self, why: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason, self.since = why, time.time()
+        self.log.error("engine_unhealthy", reason=why, effect="every route but /metrics answers 503")
+        self._went_down.set()
+
+    def up(self) -> None:
+        if self.reason is None:
+            return
+        self.log.warning("engine_healthy", was=self.reason, down_s=round(time.time() - (self.since or 0), 1))
+        self.reason = self.since = None
+        self._went_down = trio.Event()
+
+    async def wait_down(self) -> str:
+        """Returns why, once the engine is down (at once if it is)."""
+        while self.reason is None:
+            await self._went_down.wait()
+        return self.reason
+
+    def error(self) -> ApiError:
+        return ApiError(
+            503,
+            f"the engine is down ({self.reason}); no request can be served until it is restarted",
+            kind="server_error",
+        )
+
+
 class App:
     """The ASGI application. One per engine; its metrics live in `self.metrics.registry`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, health: Health | None = None, limits: Limits | None = None, logger=None):
         self.engine = engine
-        self.metrics = ServerMetrics(engine)
+        self.log = logger or log
+        self.health = health or Health(self.log)
+        self.limits = limits or Limits()
+        self.metrics = ServerMetrics(engine, lambda: self.health.ok)
+        self.in_flight = 0  # completions being read or generated
         self._routes = {
             "/v1/completions": ("POST", self._completions),
             "/v1/models": ("GET", self._models),
             "/metrics": ("GET", self._metrics),
+            "/health": ("GET", self._health),
         }
 
     async def __call__(self, scope, receive, send) -> None:
@@ -132,10 +226,28 @@ class App:
             await _send_error(send, ApiError(404, f"no route {scope['path']}", kind="not_found_error"))
         elif scope["method"] != method:
             await _send_error(send, ApiError(405, f"{scope['path']} takes {method}, not {scope['method']}"))
+        elif not self.health.ok and handler != self._metrics:
+            await _send_error(send, self.health.error())
         else:
-            await handler(receive, send)
+            started = False
 
-    async def _models(self, receive, send) -> None:
+            async def tracked(message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await handler(scope, receive, tracked)
+            except Exception as exc:  # a bug: this request fails with a body that says so; the server goes on
+                self.log.exception("request_crashed", path=scope["path"])
+                if not started:
+                    message = f"the server failed this request ({exc!r}); its log has the traceback"
+                    await _send_error(send, ApiError(500, message, kind="server_error"))
+
+    async def _health(self, scope, receive, send) -> None:
+        await _send_json(send, 200, {"status": "ok"})  # while down, __call__ answers 503 with the reason
+
+    async def _models(self, scope, receive, send) -> None:
         model = {
             "id": self.engine.model,
             "object": "model",
@@ -145,24 +257,43 @@ class App:
         }
         await _send_json(send, 200, {"object": "list", "data": [model]})
 
-    async def _metrics(self, receive, send) -> None:
+    async def _metrics(self, scope, receive, send) -> None:
         await _send(send, 200, CONTENT_TYPE_LATEST, self.metrics.exposition())
 
-    async def _completions(self, receive, send) -> None:
+    async def _completions(self, scope, receive, send) -> None:
+        if self.in_flight >= self.limits.max_in_flight:
+            self.metrics.requests.labels("rejected").inc()
+            message = f"the server is at its limit of {self.limits.max_in_flight} requests at once; retry shortly"
+            await _send_error(send, ApiError(503, message, kind="server_error"), close=True)
+            return
+        self.in_flight += 1
         try:
-            body = await _read_body(receive)
+            await self._complete(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _complete(self, scope, receive, send) -> None:
+        try:
+            body = await _read_body(scope, receive, self.limits)
             if body is None:
                 return
             request = parse_completion(body, self.engine)
         except ApiError as e:
             self.metrics.requests.labels("rejected").inc()
-            await _send_error(send, e)
+            await _send_error(send, e, close=e.status in (408, 413))  # the rest of the body is not read
             return
         self.metrics.prompt_tokens.inc(len(request.prompt))
         run = _Generation(self, request, f"cmpl-{uuid.uuid4().hex}")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            await (run.stream(send) if request.stream else run.complete(send))
+            watching = trio.CancelScope()
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, watching)
+
+            async def send_last_unwatched(message) -> None:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    watching.cancel()  # the disconnect that ending the response may bring is not the client's
+                await send(message)
+
+            await (run.stream(send_last_unwatched) if request.stream else run.complete(send_last_unwatched))
             nursery.cancel_scope.cancel()
 
 
@@ -171,6 +302,7 @@ class _Generation:
 
     def __init__(self, app: App, request: Completion, request_id: str) -> None:
         self.engine, self.metrics, self.request, self.id = app.engine, app.metrics, request, request_id
+        self.log = app.log
         self.model = app.engine.model
         self.created = int(time.time())
         self.done = False
@@ -238,6 +370,7 @@ class _Generation:
         except EngineError as e:
             self.done = True
             self.metrics.requests.labels("failed").inc()
+            self.log.error("request_failed", request_id=self.id, reason=str(e), tokens=self.tokens)
             raise ApiError(503, f"engine error: {e}", kind="server_error") from None
         finally:
             if not self.done:  # cancelled (client gone, server stopping) or the engine ended without a finish
@@ -262,38 +395,53 @@ class _Generation:
         }
 
 
-async def _read_body(receive) -> bytes | None:
-    """The whole body, or None when the client went away before sending it all."""
+async def _read_body(scope, receive, limits: Limits) -> bytes | None:
+    """The whole body, or None when the client went away before sending it all. ApiError 413 past
+    `limits.max_body` (at once, when the request's content-length says so), 408 past `limits.body_timeout_s`."""
+    length = dict(scope.get("headers", ())).get(b"content-length", b"")
+    if length.isdigit() and int(length) > limits.max_body:
+        raise ApiError(413, f"the body ({int(length)} bytes) is larger than {limits.max_body} bytes")
     body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")
-        if len(body) > MAX_BODY:
-            raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
-        if not message.get("more_body", False):
-            return bytes(body)
+    with trio.move_on_after(limits.body_timeout_s):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limits.max_body:
+                raise ApiError(413, f"the body is larger than {limits.max_body} bytes")
+            if not message.get("more_body", False):
+                return bytes(body)
+    log.info("body_timeout", received=len(body), announced=length.decode(errors="replace"), client=scope.get("client"))
+    raise ApiError(
+        408,
+        f"the request body did not arrive within {limits.body_timeout_s:g} s ({len(body)} bytes came"
+        + (f" of {length.decode()}" if length.isdigit() else "")
+        + "); send it whole, at once",
+    )
 
 
-async def _cancel_on_disconnect(receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
+async def _cancel_on_disconnect(receive, scope: trio.CancelScope, watching: trio.CancelScope) -> None:
+    with watching:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
 
 
-async def _send(send, status: int, content_type: str, body: bytes) -> None:
+async def _send(send, status: int, content_type: str, body: bytes, close: bool = False) -> None:
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    if close:  # hypercorn closes the connection once this response is sent
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_json(send, status: int, body: dict) -> None:
-    await _send(send, status, "application/json", json.dumps(body).encode())
+async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
+    await _send(send, status, "application/json", json.dumps(body).encode(), close)
 
 
-async def _send_error(send, error: ApiError) -> None:
-    await _send_json(send, error.status, error.body())
+async def _send_error(send, error: ApiError, close: bool = False) -> None:
+    await _send_json(send, error.status, error.body(), close)
 
 
 async def _send_event(send, body: dict) -> None:
@@ -318,18 +466,40 @@ async def serve(
     port: int = 8000,
     *,
     grace_s: float = 5.0,
+    health: Health | None = None,
+    limits: Limits | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `engine` over HTTP until SIGINT or SIGTERM (or cancellation), then stop cleanly: no new
     connections, requests in flight get `grace_s` to finish, then are cancelled (and aborted in the engine).
-    `task_status` gets the bound URLs once listening (port 0 picks a free port)."""
+    `task_status` gets the bound URLs once listening (port 0 picks a free port). `health`: the supervisor's
+    (see the module's docstring); `limits`: by default `Limits.for_fds()` once the soft limit on open files is
+    raised to the hard one (connections are files)."""
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace_s
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.h11_max_incomplete_size = MAX_HEADERS
+    if limits is None:
+        _raise_fd_limit()
+        limits = Limits.for_fds()
+    app = App(engine, health, limits)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def first_signal() -> None:
             async for _ in signals:
                 return
 
-        await hypercorn.trio.serve(App(engine), config, shutdown_trigger=first_signal, task_status=task_status)
+        await hypercorn.trio.serve(app, config, shutdown_trigger=first_signal, task_status=task_status)
+
+
+def _raise_fd_limit() -> None:
+    """Connections are files: take all the open files the hard limit allows (as Go's runtime does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # above the kernel's nr_open: keep the soft limit
+            return
+        log.info("open_files_limit_raised", was=soft, now=target)

@@ -3,10 +3,13 @@
 Latencies are measured in the front end, where a client sees them: from the request's arrival (after its body
 was read and validated) to each token leaving for the client. Buckets follow vLLM's, so dashboards built for
 it read these the same way. The engine's state (running, waiting, KV blocks) is read from `engine.stats()`
-when Prometheus scrapes, never cached.
+when Prometheus scrapes, never cached; `flexnpu_engine_healthy` says whether the engine can serve (the server's
+`Health`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -21,10 +24,16 @@ OUTCOMES = ("finished", "rejected", "failed", "aborted")  # 200 to the end, 4xx,
 
 
 class _EngineCollector:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, healthy: Callable[[], bool]) -> None:
         self._engine = engine
+        self._healthy = healthy
 
     def collect(self):
+        yield GaugeMetricFamily(
+            "flexnpu_engine_healthy",
+            "1 while the engine can serve; 0 once its supervisor says it is down.",
+            value=int(self._healthy()),
+        )
         stats = self._engine.stats()
         for name, doc, value in (
             ("flexnpu_num_requests_running", "Requests the engine is running.", stats.running),
@@ -36,7 +45,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, healthy: Callable[[], bool] = lambda: True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -59,7 +68,7 @@ class ServerMetrics:
             self.requests.labels(outcome)  # present at 0 from the start, so rates need no special case
         self.prompt_tokens = Counter("flexnpu_prompt_tokens", "Prompt tokens sent to the engine.", registry=r)
         self.generation_tokens = Counter("flexnpu_generation_tokens", "Tokens generated.", registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(engine, healthy))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

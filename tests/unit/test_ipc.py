@@ -127,34 +127,83 @@ def test_a_killed_importer_lets_go_and_the_exporter_keeps_its_memory(prefill, de
     ok(prefill.call(Op.FREE, ptr=ptr))  # nobody imports it any more
 
 
-def test_a_killed_exporters_memory_lives_until_its_importers_close(prefill, decode):
+def test_a_killed_exporters_memory_lives_until_its_importers_close_and_its_quota_pays_until_then(
+    prefill, decode, vdevs
+):
     ptr, key = export(prefill, flags=1)
     write(prefill, ptr, b"handed over")
     imported = ok(decode.call(Op.IPC_IMPORT, key=key, flags=0)).ptr
     memory = prefill.translator.vdev.physical.npu.memory
     prefill.translator.close()
-    assert prefill.translator.vdev.used == 0  # the exporter's quota is given back with its session
-    assert read(decode, imported, 11) == b"handed over"  # the bytes are not
+    assert read(decode, imported, 11) == b"handed over"  # the bytes live on
+    assert vdevs[0].used == 4096 + 32  # and the exporter's virtual NPU still pays for them (as malloc rounds)
+    assert decode.translator.vdev.used == 0  # not the importer's
     ok(decode.call(Op.IPC_CLOSE, key=key))
     assert memory.used == 0
+    assert vdevs[0].used == 0  # paid until the last holder let go
 
 
-def test_another_chips_memory_is_imported_with_peer_access_and_only_copied(prefill, vdevs):
-    ptr, key = export(prefill, flags=1)
-    write(prefill, ptr, b"prefilled KV")
+def test_memory_exported_and_left_imported_cannot_take_a_session_past_its_quota(vdevs):
+    """Export, let an importer hold it, close, open a new session, repeat: the quota holds every round."""
+    quota = vdevs[0].quota
+    importer = Client(vdevs[1], DECODE_PID)
+    for _ in range(3):
+        owner = Client(vdevs[0], PREFILL_PID)
+        status, _ = owner.call(Op.MALLOC, size=quota // 2, policy=0)
+        if status != AclError.SUCCESS:
+            assert status == AclError.RT_MEMORY_ALLOCATION
+            break
+        ptr = owner.pointers[-1]
+        key = ok(owner.call(Op.IPC_EXPORT, ptr=ptr, size=quota // 2, flags=1)).key
+        ok(importer.call(Op.IPC_IMPORT, key=key, flags=0))
+        owner.translator.close()
+        assert vdevs[0].used <= quota
+    else:
+        pytest.fail("three half-quota allocations fitted a quota with the first two still imported")
+    assert vdevs[0].used <= quota
+    importer.translator.close()
+    assert vdevs[0].used == 0 and vdevs[0].physical.npu.memory.used == 0
+
+
+@pytest.mark.parametrize("first", ["importer", "exporter"])
+def test_memory_imported_across_chips_goes_back_to_its_own_chip(prefill, vdevs, first):
+    """Exported on npu0, imported with peer access on npu1: whoever closes first, npu0 gets its bytes back and
+    npu1 never counts them (the importer's unmap used to free them on its own chip: npu0 +n, npu1 -n for ever)."""
+    from interposer.topology import Topology
+
+    size = 1 << 16
+    ptr = ok(prefill.call(Op.MALLOC, size=size, policy=0)).ptr
+    key = ok(prefill.call(Op.IPC_EXPORT, ptr=ptr, size=size, flags=1)).key
     elsewhere = Client(vdevs[2], DECODE_PID)  # davinci2 is on npu1
-    status, message = elsewhere.call(Op.IPC_IMPORT, key=key, flags=0)
-    assert status == AclError.FEATURE_UNSUPPORTED and "ENABLE_PEER_ACCESS" in message
-    remote = ok(elsewhere.call(Op.IPC_IMPORT, key=key, flags=1)).ptr
-    status, message = elsewhere.call(Op.MEMCPY_D2H, dst=0, src=remote, count=8)
-    assert status == AclError.INVALID_PARAM and "copied device to device" in message
-    local = ok(elsewhere.call(Op.MALLOC, size=4096, policy=0)).ptr
-    engine = elsewhere.translator.runner.engine
-    before = engine.t
-    ok(elsewhere.call(Op.MEMCPY_D2D, dst=local, src=remote, count=4096))
-    # The copy crossed the interconnect: 4 KiB at the 910B2's 56 GB/s HCCS link, plus the copy's launch.
-    assert engine.t - before == pytest.approx(3e-6 + 4096 / 56e9)
-    assert read(elsewhere, local, 12) == b"prefilled KV"
+    ok(elsewhere.call(Op.IPC_IMPORT, key=key, flags=1))
+    npu0, npu1 = vdevs[0].physical.npu.memory, vdevs[2].physical.npu.memory
+    assert (npu0.used, npu1.used) == (size + 32, 0)
+    order = [elsewhere, prefill] if first == "importer" else [prefill, elsewhere]
+    for client in order:
+        client.translator.close()
+    assert (npu0.used, npu1.used) == (0, 0)
+    assert (vdevs[0].used, vdevs[2].used) == (0, 0)
+    status = Topology([vdevs[0].physical, vdevs[2].physical], vdevs, 0.0).status()
+    assert [p["memory_used"] for p in status["physical"]] == [0, 0]
+    assert [v["memory_used"] for v in status["virtual"]] == [0, 0, 0]
+
+
+def test_a_process_holds_a_bounded_number_of_ipc_keys(prefill, decode, monkeypatch):
+    from interposer import limits
+
+    monkeypatch.setattr(limits, "IPC_KEYS", 3)
+    keys = [export(prefill, size=64, flags=1)[1] for _ in range(3)]
+    ptr = ok(prefill.call(Op.MALLOC, size=64, policy=0)).ptr
+    status, message = prefill.call(Op.IPC_EXPORT, ptr=ptr, size=64, flags=1)
+    assert status == AclError.RT_OVER_LIMIT and "holds 3 IPC memory keys" in message and "ipc_mem_close" in message
+    for key in keys[:2]:
+        ok(decode.call(Op.IPC_IMPORT, key=key, flags=0))
+    ok(prefill.call(Op.IPC_CLOSE, key=keys[2]))  # nobody imports it: gone, and its room with it
+    ok(prefill.call(Op.IPC_EXPORT, ptr=ptr, size=64, flags=1))
+    assert prefill.translator.vdev.ipc.held(decode.translator) == 2
+    decode.translator.close()
+    prefill.translator.close()
+    assert prefill.translator.vdev.ipc.exports == {}
 
 
 def test_bad_keys_and_strangers_are_refused(prefill, decode):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -1467,3 +1468,65 @@ def test_a_tensor_input_must_agree_with_its_attribute():
         run_op("GatherV2", [x, np.array([0], I32), np.array([0], I32)], [spec(F32, (2, 1, 4))], {"axis": 1})
     with pytest.raises(InvalidParam, match="Transpose perm"):
         run_op("Transpose", [x, np.array([0, 2, 1], I32)], [spec(F32, (4, 3, 2))], {"perm": [2, 1, 0]})
+
+
+# -- inputs no op's checks foresaw: each is the caller's error, never a daemon traceback ---------------------
+
+UNFORESEEN_CASES = [
+    # (op, inputs, outputs, attrs, what the message names) — each of these raised an internal exception at launch
+    ("Transpose", [spec(F32, ())], [spec(F32, ())], {}, "Transpose attr perm: is required"),
+    ("Transpose", [spec(F32, (2, 3))], [spec(F32, (3, 2))], {}, "Transpose attr perm: is required"),
+    ("ArgMaxV2", [spec(F32, (0,))], [spec(I32, ())], {}, "ArgMaxV2 x: dimension 0 of [0] is empty"),
+    ("ArgMaxV2", [spec(F32, (2, 0))], [spec(I32, (2,))], {}, "ArgMaxV2 x: dimension 1 of [2, 0] is empty"),
+    ("SwiGlu", [spec(BOOL, (2, 4))], [spec(BOOL, (2, 2))], {}, "SwiGlu x: needs a float dtype, got bool"),
+    ("SwiGlu", [spec(I32, (2, 4))], [spec(I32, (2, 2))], {}, "SwiGlu x: needs a float dtype"),
+    ("SoftmaxV2", [spec(F32, (2, 0))], [spec(F32, (2, 0))], {}, "SoftmaxV2 x: dimension 1 of [2, 0] is empty"),
+    ("RmsNorm", [spec(F32, (0,)), spec(F32, (0,))], [spec(F32, (0,)), spec(F32, (1,))], {}, "RmsNorm gamma"),
+    ("RotaryMul", [spec(F32, ())] * 3, [spec(F32, ())], {}, "RotaryMul x: is a scalar"),
+    ("RotaryMul", [spec(BOOL, (2, 4))] * 3, [spec(BOOL, (2, 4))], {}, "RotaryMul x: needs a float dtype"),
+    ("ScatterUpdate", [spec(I32, ()), spec(I32, ()), spec(I32, ())], [spec(I32, ())], {}, "ScatterUpdate var"),
+    ("SoftmaxV2", [spec(F32, (4, 8))], [spec(F32, (4, 8))], {"axes": -1}, "an attribute is wrong"),
+]
+
+
+@pytest.mark.parametrize(
+    ("op_type", "ins", "outs", "attrs", "names"), UNFORESEEN_CASES, ids=[c[4] for c in UNFORESEEN_CASES]
+)
+def test_inputs_that_used_to_raise_inside_an_op_are_invalid_param_naming_the_operand(op_type, ins, outs, attrs, names):
+    with pytest.raises(InvalidParam) as caught:
+        bind(op_type, ins, outs, attrs)
+    assert caught.value.code == AclError.INVALID_PARAM
+    assert names in str(caught.value)
+
+
+def test_no_op_raises_anything_but_an_acl_error_on_odd_shapes_and_dtypes():
+    """Every registered op, every input count it takes, odd shapes (scalars, empty dims) and every dtype: bind()
+    and the kernel's run either work or raise a FlexNPUError, so a tenant's launch can only fail its own stream."""
+    from npu.emulated.ops.base import REGISTRY
+
+    memory = DeviceMemory(1 << 30, backed=True)
+    shapes = [(), (0,), (4,), (2, 0), (0, 4), (2, 4), (2, 3, 4), (1, 2, 2, 4)]
+    attr_sets = [{}, {"perm": [1, 0]}, {"axis": 0}, {"dimension": 0}, {"dim": 0}, {"axes": [0]}]
+    unforeseen = []
+    for op in {type(o): o for o in REGISTRY.values()}.values():
+        low, high = op.inputs
+        for n in range(low, min(high, 4) + 1):
+            for dtype in ALL_DTYPES:
+                for shape in shapes:
+                    for attrs in attr_sets:
+                        ins = [spec(dtype, shape)] * n
+                        try:
+                            kernel = bind(op.name, ins, op.infer(list(ins), attrs, []), attrs)
+                            regions = [
+                                Region(memory.alloc(max(1, t.nbytes)), 0, t.nbytes) for t in (*ins, *kernel.outs)
+                            ]
+                            with warnings.catch_warnings():  # numpy's "mean of empty slice": as on the chip
+                                warnings.simplefilter("ignore", RuntimeWarning)
+                                KernelTask(kernel, tuple(regions[:n]), tuple(regions[n:])).run()
+                        except FlexNPUError:
+                            pass
+                        except Exception as exc:  # noqa: BLE001 (what this test looks for)
+                            unforeseen.append((op.name, dtype.name, shape, attrs, repr(exc)))
+                        finally:
+                            memory.used = 0
+    assert unforeseen == []

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible front end over a fake engine, through ASGI in memory (no sockets), plus one real serve()."""
+"""The OpenAI-compatible front end over a fake engine, through ASGI in memory (no sockets), and through serve() on
+real sockets on 127.0.0.1 wherever the point is a connection: closing it, stalling it, holding many."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import trio
 from fake_engine import FakeEngine, expected_text
 from prometheus_client.parser import text_string_to_metric_families
 
-from workloads.server import App, serve
+from workloads import server
+from workloads.server import App, Health, Limits, serve
 from workloads.tokenizer import encode
 
 MODEL = FakeEngine.model
@@ -154,6 +156,9 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream", "'yes'"),
     ({"model": MODEL, "prompt": "a", "ignore_eos": 1}, 400, "ignore_eos", "1"),
     ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": "no"}}, 400, "stream_options", "'no'"),
+    # Python's json raises ValueError and RecursionError for these, not JSONDecodeError: once a 500, empty.
+    (b'{"model": "fake-model", "prompt": [' + b"1" * 5000 + b"]}", 400, None, "integer of more than 4300 digits"),
+    (b'{"model": "fake-model", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "nests"),
 ]
 
 
@@ -290,3 +295,205 @@ async def test_sigterm_aborts_what_is_still_running_after_the_grace_period():
             os.kill(os.getpid(), signal.SIGTERM)
         # Both tasks ended by themselves: serve() after the grace period, the client when its stream was cut.
     assert engine.aborted == [engine.calls[0][0]] and engine.running == 0
+
+
+# -- one client must not hurt the others (issue 15, item 7) ---------------------------------------------------
+
+
+class Log:
+    """Records what is logged (structlog's capture_logs would leave structlog configured for later tests)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def _record(self, level: str):
+        return lambda event, **fields: self.events.append({"event": event, "level": level, **fields})
+
+    def __getattr__(self, level: str):
+        return self._record(level)
+
+    def named(self, event: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == event]
+
+
+@pytest.fixture
+async def http(nursery):
+    """serve() on a free port of 127.0.0.1: yields a function that starts one with the given engine and options
+    and returns its port."""
+
+    async def start(engine, **options) -> int:
+        binds = await nursery.start(partial(serve, engine, "127.0.0.1", 0, **options))
+        return int(binds[0].rsplit(":", 1)[1])
+
+    yield start
+    nursery.cancel_scope.cancel()
+
+
+async def exchange(port: int, request: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back until the server closed the connection (True), or what came
+    within a moment of the first response when it did not (False)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    received = b""
+    async with stream:
+        while True:
+            # Only to tell "kept open" from "closed": a closed connection reads EOF at once after the response.
+            with trio.move_on_after(2.0 if received else 30.0):
+                data = await stream.receive_some()
+                if not data:
+                    return received, True
+                received += data
+                continue
+            return received, False
+
+
+def post(body: bytes, version: str = "HTTP/1.1", headers: str = "") -> bytes:
+    head = f"POST /v1/completions {version}\r\nhost: x\r\n{headers}content-length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+COMPLETION = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 3}).encode()
+STREAMED = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 3, "stream": True}).encode()
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "body"),
+    [
+        ("HTTP/1.1", "connection: close\r\n", COMPLETION),
+        ("HTTP/1.1", "connection: close\r\n", STREAMED),
+        ("HTTP/1.0", "", COMPLETION),
+        ("HTTP/1.0", "", STREAMED),
+    ],
+)
+async def test_connection_close_and_http_1_0_close_the_connection_once_the_completion_is_sent(
+    http, version, headers, body
+):
+    port = await http(FakeEngine())
+    with trio.fail_after(20):
+        received, closed = await exchange(port, post(body, version, headers))
+    assert received.startswith(b"HTTP/1.1 200") and closed, received[-200:]
+    assert (b"data: [DONE]\n\n" in received) if body is STREAMED else received.endswith(b"}}")
+
+
+async def test_a_kept_alive_connection_still_serves_its_next_request(http):
+    port = await http(FakeEngine())
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(post(COMPLETION))
+                received = b""
+                while not received.endswith(b"}}"):
+                    received += await stream.receive_some()
+                assert received.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_stalled_body_gets_a_408_and_its_connection_is_closed(http):
+    engine = FakeEngine()
+    port = await http(engine, limits=Limits(body_timeout_s=0.2))
+    with trio.fail_after(20):
+        received, closed = await exchange(port, post(COMPLETION)[:-5])  # five bytes of the body never come
+    assert received.startswith(b"HTTP/1.1 408") and closed
+    error = json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]
+    assert f"did not arrive within 0.2 s ({len(COMPLETION) - 5} bytes came of {len(COMPLETION)})" in error["message"]
+    assert engine.calls == []
+
+
+async def test_stalled_bodies_hold_at_most_the_in_flight_limit_and_the_rest_are_refused_at_once(http, monkeypatch):
+    """The attack that exhausted the file descriptors (1,100 stalled bodies), at the scale of a limit of 4: past
+    it a completion is refused at once and its connection closed; once the stalled ones time out, all is served."""
+    apps = []
+    monkeypatch.setattr(server, "App", lambda *args: apps.append(App(*args)) or apps[-1])  # to see its count
+    engine = FakeEngine()
+    port = await http(engine, limits=Limits(body_timeout_s=1.0, max_in_flight=4))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            stalled: list[tuple[bytes, bool]] = []
+
+            async def stall() -> None:
+                stalled.append(await exchange(port, post(COMPLETION)[:-5]))
+
+            for _ in range(4):
+                nursery.start_soon(stall)
+            while apps[0].in_flight < 4:  # the four are reading their bodies
+                await trio.sleep(0.01)
+            refused, closed = await exchange(port, post(COMPLETION))
+            assert refused.startswith(b"HTTP/1.1 503") and closed
+            assert b"at its limit of 4 requests at once" in refused
+        assert [(r[:12], c) for r, c in stalled] == [(b"HTTP/1.1 408", True)] * 4
+        served, _ = await exchange(port, post(COMPLETION, headers="connection: close\r\n"))
+    assert served.startswith(b"HTTP/1.1 200") and len(engine.calls) == 1
+
+
+async def test_request_headers_that_never_end_are_cut_by_the_keep_alive_timeout(http, monkeypatch):
+    monkeypatch.setattr(server, "KEEP_ALIVE_TIMEOUT_S", 0.2)
+    port = await http(FakeEngine())
+    with trio.fail_after(20):
+        received, closed = await exchange(port, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+    assert closed and received == b""
+
+
+async def test_an_engine_declared_down_makes_every_route_but_metrics_answer_503_and_is_logged():
+    engine, log = FakeEngine(), Log()
+    health = Health(log)
+    app = App(engine, health, logger=log)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    health.down("decode worker 4242 died (exit -9)")
+    for r in (
+        await client.get("/health"),
+        await client.get("/v1/models"),
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"}),
+    ):
+        assert r.status_code == 503 and "the engine is down (decode worker 4242 died (exit -9))" in r.text
+    assert engine.calls == []
+    metrics = scrape((await client.get("/metrics")).text)
+    assert metrics["flexnpu_engine_healthy"] == 0
+    assert [(e["level"], e["reason"]) for e in log.named("engine_unhealthy")] == [
+        ("error", "decode worker 4242 died (exit -9)")
+    ]
+    assert await health.wait_down() == "decode worker 4242 died (exit -9)"
+    health.up()  # the supervisor restarted it
+    assert (await client.get("/v1/models")).status_code == 200
+    assert scrape((await client.get("/metrics")).text)["flexnpu_engine_healthy"] == 1
+    assert log.named("engine_healthy")[0]["was"] == "decode worker 4242 died (exit -9)"
+
+
+async def test_a_supervisor_waiting_for_the_engine_to_go_down_is_woken_with_why():
+    health = Health(Log())
+    async with trio.open_nursery() as nursery:
+        got = []
+
+        async def supervisor() -> None:
+            got.append(await health.wait_down())
+
+        nursery.start_soon(supervisor)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        health.down("prefill worker 17 exited with 1")
+    assert got == ["prefill worker 17 exited with 1"]
+
+
+async def test_an_engine_error_is_logged_with_its_reason():
+    engine, log = FakeEngine(fail_after=1), Log()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=App(engine, logger=log)), base_url="http://front")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
+    assert r.status_code == 503
+    (failed,) = log.named("request_failed")
+    assert (failed["level"], failed["reason"], failed["tokens"]) == ("error", "decode process 4242 died", 1)
+
+
+class CrashingEngine(FakeEngine):
+    async def generate(self, request_id, prompt, max_tokens, ignore_eos):
+        raise KeyError("a bug")
+        yield
+
+
+async def test_a_bug_in_a_request_answers_500_with_a_body_and_the_server_goes_on():
+    log = Log()
+    app = App(CrashingEngine(), logger=log)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
+    assert r.status_code == 500 and "KeyError('a bug')" in r.json()["error"]["message"]
+    assert log.named("request_crashed")[0]["path"] == "/v1/completions"
+    assert (await client.get("/v1/models")).status_code == 200

@@ -1,4 +1,5 @@
-"""The transport-independent session core: a wait that fails becomes that record's error reply, in both drivers."""
+"""The transport-independent session core: a wait that fails becomes that record's error reply (the trio driver,
+vdevfs/channel.py, does the same: tests/unit/test_channel.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,6 @@ from scheduler.runner import Stalled
 
 class StalledRunner:
     def wait_until(self, done):
-        raise Stalled()
-
-
-class AsyncStalledRunner:
-    async def wait_until(self, done):
         raise Stalled()
 
 
@@ -53,12 +49,6 @@ def test_a_stalled_wait_answers_its_record_with_the_error_and_the_frame_goes_on(
     assert (first.seq, first.status) == (1, AclError.RT_STREAM_SYNC_TIMEOUT)
     assert b"can never finish" in bytes(first.payload)
     assert (second.seq, second.status) == (2, AclError.SUCCESS)
-
-
-async def test_the_trio_driver_does_the_same():
-    first, second = replies(await session.answer_async(Handler(AsyncStalledRunner()), records()))
-    assert first.status == AclError.RT_STREAM_SYNC_TIMEOUT
-    assert second.status == AclError.SUCCESS
 
 
 class AsyncLast(Handler):

@@ -11,8 +11,8 @@ from npu.errors import AclError
 
 
 class Client:
-    def __init__(self, vdev: VirtualNPU, pid: int = 1) -> None:
-        self.translator = Translator(vdev, pid=pid)
+    def __init__(self, vdev: VirtualNPU, pid: int = 1, buffers=None) -> None:
+        self.translator = Translator(vdev, pid=pid, buffers=buffers)
         self.seq = 0
         self.handles: list[int] = [0]
         self.pointers: list[int] = []

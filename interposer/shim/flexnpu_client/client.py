@@ -25,6 +25,10 @@ FIRST_READ = 64 << 10
 SMALL_FRAME = 64 << 10
 IOV_MAX = 1024
 DAEMON_GONE = (errno.ENOTCONN, errno.ECONNABORTED)  # a killed FUSE daemon: its files answer these
+SESSIONS_FULL = {  # what open() of a device node answers when the daemon's session limits are reached
+    errno.EUSERS: "this user holds as many sessions as the daemon allows one user",
+    errno.ENFILE: "the daemon serves as many sessions as it allows",
+}
 
 
 class Transport(Protocol):
@@ -43,6 +47,13 @@ class FileTransport:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno in SESSIONS_FULL:
+                raise AclCallError(
+                    f"{path}: the daemon refused a new session ({exc.strerror}): "
+                    + SESSIONS_FULL[exc.errno]
+                    + "; each open device file (each process with a device set) is one: close some",
+                    AclError.RT_OVER_LIMIT,
+                ) from None
             raise AclCallError(
                 f"{path}: cannot open the virtual device ({exc.strerror}); is vdevfsd running? see `vdevctl ls`",
                 AclError.RT_NO_DEVICE,

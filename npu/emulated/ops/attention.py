@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from npu.emulated import dtypes
 from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, widen
 from npu.errors import InvalidParam
 from npu.tasks import Cost, Unit
@@ -297,6 +298,10 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def _check_rotary(op: str, x: TensorSpec, x_name: str, tables: list[tuple[str, TensorSpec]]) -> None:
+    if x.dtype not in dtypes.FLOATS:
+        raise operand_error(op, x_name, f"needs a float dtype, got {dtypes.name(x.dtype)}")
+    if not x.shape:
+        raise operand_error(op, x_name, "is a scalar; rotary needs a last dim of pairs")
     if x.shape[-1] % 2:
         raise operand_error(op, x_name, f"last dim {x.shape[-1]} is odd; rotary needs pairs")
     for name, r in tables:

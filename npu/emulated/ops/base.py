@@ -88,6 +88,19 @@ def operand_error(op: str, which: str, message: str) -> InvalidParam:
     return InvalidParam(f"{op} {which}: {message}")
 
 
+# What numpy and the ops' own arithmetic raise on operands an op's checks did not foresee. Such an input is the
+# caller's error (ACL_ERROR_INVALID_PARAM naming the op and its operands), never a daemon traceback.
+UNFORESEEN = (ArithmeticError, IndexError, KeyError, TypeError, ValueError)
+
+
+def _unforeseen(op_type: str, what: str, exc: Exception, ins, attrs: dict) -> InvalidParam:
+    operands = ", ".join(str(t) for t in ins)
+    return InvalidParam(
+        f"{op_type}: {what} on inputs [{operands}] with attrs {sorted(attrs)} ({exc!r}); check the operands' "
+        "shapes and dtypes and the attrs against the operator's definition"
+    )
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A checked launch description: op, operand specs, attributes, and its cost (computed once)."""
@@ -109,13 +122,19 @@ def bind(op_type: str, ins: list[TensorSpec], outs: list[TensorSpec], attrs: dic
     if not low <= len(ins) <= high:
         want = str(low) if low == high else f"{low}-{high}"
         raise operand_error(op_type, "inputs", f"takes {want} inputs, got {len(ins)}")
-    expected = op.infer(list(ins), attrs, list(outs))
-    if len(outs) != len(expected):
-        raise operand_error(op_type, "outputs", f"produces {len(expected)} outputs, {len(outs)} were declared")
-    for i, (declared, produced) in enumerate(zip(outs, expected, strict=True)):
-        if declared.shape != produced.shape or declared.dtype != produced.dtype:
-            raise operand_error(op_type, f"output {i}", f"declared {declared}, the op produces {produced}")
-    return Kernel(op_type, op, tuple(ins), tuple(outs), attrs, op.cost(list(ins), list(outs), attrs))
+    try:
+        expected = op.infer(list(ins), attrs, list(outs))
+        if len(outs) != len(expected):
+            raise operand_error(op_type, "outputs", f"produces {len(expected)} outputs, {len(outs)} were declared")
+        for i, (declared, produced) in enumerate(zip(outs, expected, strict=True)):
+            if declared.shape != produced.shape or declared.dtype != produced.dtype:
+                raise operand_error(op_type, f"output {i}", f"declared {declared}, the op produces {produced}")
+        cost = op.cost(list(ins), list(outs), attrs)
+    except UNFORESEEN as exc:
+        raise _unforeseen(
+            op_type, "the description does not fit the operator (an attribute is wrong, or an operand)", exc, ins, attrs
+        ) from None
+    return Kernel(op_type, op, tuple(ins), tuple(outs), attrs, cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +157,12 @@ class KernelTask:
         if any(v is None for v in views):
             return  # timing mode (or freed memory): shapes only
         ins = [_array(v, t) for v, t in zip(views, self.kernel.ins, strict=False)]
+        kernel = self.kernel
         with np.errstate(all="ignore"):  # as on the chip: x/0 is inf, 0/0 NaN, and nothing stops
-            results = self.kernel.op.compute([a.copy() for a in ins], self.kernel.attrs)
+            try:
+                results = kernel.op.compute([a.copy() for a in ins], kernel.attrs)
+            except UNFORESEEN as exc:
+                raise _unforeseen(kernel.op_type, "cannot compute", exc, kernel.ins, kernel.attrs) from None
         for view, spec, result in zip(views[len(ins) :], self.kernel.outs, results, strict=True):
             _array(view, spec)[...] = np.asarray(result).astype(spec.dtype, copy=False).reshape(spec.shape)
 

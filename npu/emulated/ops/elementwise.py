@@ -133,6 +133,8 @@ class SwiGlu(Op):
 
     def infer(self, ins, attrs, outs):
         x = ins[0]
+        if x.dtype not in dtypes.FLOATS:
+            raise operand_error(self.name, "x", f"needs a float dtype, got {dtypes.name(x.dtype)}")
         dim = axis(self.name, int(attrs.get("dim", -1)), len(x.shape), "attr dim")
         if x.shape[dim] % 2:
             raise operand_error(self.name, "x", f"dim {dim} has odd size {x.shape[dim]}; it must split in two")
@@ -154,8 +156,11 @@ class SoftmaxV2(Unary):
     aliases = ("Softmax",)
 
     def infer(self, ins, attrs, outs):
+        x = ins[0]
         for a in attrs.get("axes", [-1]):
-            axis(self.name, int(a), len(ins[0].shape), "attr axes")
+            d = axis(self.name, int(a), len(x.shape), "attr axes")
+            if x.shape[d] == 0:
+                raise operand_error(self.name, "x", f"dimension {d} of {list(x.shape)} is empty: nothing to normalize")
         return super().infer(ins, attrs, outs)
 
     def compute(self, ins, attrs):

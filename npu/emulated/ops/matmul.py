@@ -46,7 +46,7 @@ def gemm_tiles(batch: int, m: int, n: int) -> int:
     """Base blocks of a batched (M, N) output, as the CANN tiling picks them (see the module docstring)."""
     best = None
     for base_m, base_n in BASE_BLOCKS:
-        n_blocks = -(-n // base_n)
+        n_blocks = max(1, -(-n // base_n))  # an empty output (n = 0) still launches
         base_m = min(base_m, _pad(max(m // max(TILING_CORES // n_blocks, 1), 1)))
         tiles = batch * -(-m // base_m) * n_blocks
         load = (base_m + base_n) * -(-tiles // TILING_CORES)  # rows + columns the busiest core loads

@@ -17,6 +17,8 @@ def _params_tail(op: str, x: TensorSpec, gamma: TensorSpec) -> int:
     k = len(gamma.shape)
     if k == 0 or k > len(x.shape) or x.shape[-k:] != gamma.shape:
         raise operand_error(op, "gamma", f"shape {list(gamma.shape)} is not a trailing part of x's {list(x.shape)}")
+    if gamma.size == 0:
+        raise operand_error(op, "gamma", f"shape {list(gamma.shape)} is empty: there is nothing to normalize over")
     return k
 
 

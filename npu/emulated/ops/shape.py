@@ -91,7 +91,9 @@ class Transpose(Op):
 
     def infer(self, ins, attrs, outs):
         x = ins[0]
-        perm = [int(p) for p in attrs.get("perm", [])]
+        if "perm" not in attrs:
+            raise operand_error(self.name, "attr perm", f"is required: the order of x's {len(x.shape)} dims")
+        perm = [int(p) for p in attrs["perm"]]
         if sorted(perm) != list(range(len(x.shape))):
             raise operand_error(self.name, "attr perm", f"{perm} is not a permutation of {len(x.shape)} dims")
         return [TensorSpec(x.dtype, tuple(x.shape[p] for p in perm))]
@@ -137,6 +139,8 @@ class ArgMaxV2(Op):
     def infer(self, ins, attrs, outs):
         x = ins[0]
         d = axis(self.name, int(attrs.get("dimension", -1)), len(x.shape), "attr dimension")
+        if x.shape[d] == 0:
+            raise operand_error(self.name, "x", f"dimension {d} of {list(x.shape)} is empty: it has no maximum")
         out_type = {3: np.int32, 9: np.int64}.get(int(attrs.get("dtype", 3)))
         if out_type is None:
             raise operand_error(self.name, "attr dtype", "must be 3 (int32) or 9 (int64)")
@@ -162,6 +166,8 @@ class ScatterUpdate(Op):
     def infer(self, ins, attrs, outs):
         var, indices, updates = ins
         _index(self.name, indices, "indices")
+        if not var.shape:
+            raise operand_error(self.name, "var", "is a scalar; it needs a first dim to scatter rows into")
         expected = indices.shape + var.shape[1:]
         if updates.shape != expected or updates.dtype != var.dtype:
             raise operand_error(self.name, "updates", f"is {updates}, expected {TensorSpec(var.dtype, expected)}")
