@@ -184,11 +184,12 @@ class Simulation:
     def _issue(self, engine: _Engine) -> None:
         step = engine.step
         pulls = [self._pull(p.src) for p in step.pulls]  # handed-over KV crosses the interconnect first
-        self.coordinator.pulled(step.pulls)
         tasks = pulls + self.costs.tasks(step.plan)
         engine.chip.submit_all([TaskEntry(engine.stream, 0, task=t) for t in tasks], self.now)
         engine.on_chip = True
         self._refresh(engine.chip)
+        for core in self.coordinator.pulled(step.pulls):
+            self._wake(self.engines[core])
 
     def _pull(self, blocks: tuple[int, ...]) -> SimTask:
         size = len(blocks) * self.block_bytes

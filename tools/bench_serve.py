@@ -186,8 +186,8 @@ async def _serve_and_load(kind: str, spec, rates: list[float], num_requests: int
     async with launch.deployment(kind, spec) as engine, trio.open_nursery() as nursery:
         (url,) = await nursery.start(serve, engine, "127.0.0.1", 0)
         for rate in rates:
-            for instance in engine.instances:
-                instance.timings.clear()
+            for worker in engine.workers.values():
+                worker.timings.clear()
             wall = await run_load(url, engine.model, rate / spec.time_scale, num_requests, lengths, slo=wall_slo)
             run = to_modeled(wall, spec.time_scale)
             run["host_share"] = _host_share(engine, spec.time_scale)
@@ -201,7 +201,7 @@ def _host_share(engine, time_scale: float) -> dict:
     and their ratio: it must stay well under 1 for the emulated device, not the host, to decide the figures."""
     shares = {}
     for kind in ("prefill", "decode"):
-        steps = [(h, d * time_scale) for i in engine.instances for k, h, d, _ in i.timings if k == kind]
+        steps = [(h, d * time_scale) for w in engine.workers.values() for k, h, d, _ in w.timings if k == kind]
         if steps:
             host, paced = statistics.median(h for h, _ in steps), statistics.median(p for _, p in steps)
             shares[kind] = {"host_ms": host, "paced_device_ms": paced, "ratio": host / paced if paced else None}

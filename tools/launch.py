@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import trio
+
 from vdevfs.daemon import is_stale
 from workloads import deploy
 from workloads.spec import ServeSpec
@@ -61,18 +63,31 @@ def daemon(mount: Path, config: Path | None = None, log: Path | None = None):
 
 
 @contextlib.asynccontextmanager
-async def deployment(kind: str, spec: ServeSpec, workdir: Path | None = None) -> AsyncIterator[deploy.Deployment]:
-    """A serving deployment and what it needs: the daemon on a private mount under `workdir` (all but direct)."""
+async def deployment(
+    kind: str, spec: ServeSpec, workdir: Path | None = None, on_failure: Callable[[str], None] | None = None
+) -> AsyncIterator[deploy.Deployment]:
+    """A serving deployment and what it needs: the daemon on a private mount under `workdir` (all but direct).
+    `on_failure(why)`: a worker or the daemon died (the daemon is watched too: its death is news at once, not at
+    the next request)."""
+    failed = on_failure or (lambda why: None)
     with contextlib.ExitStack() as stack:
         work = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="flexnpu-serve-")))
-        mount = None
+        mount, proc = None, None
         if kind != "direct":
             config = work / f"{kind}.toml"
             config.write_text(deploy.topology(kind, spec))
             mount = work / "dev"
-            stack.enter_context(daemon(mount, config, log=work / "daemon.log"))
-        async with deploy.deployment(kind, spec, work, mount) as engine:
+            proc = stack.enter_context(daemon(mount, config, log=work / "daemon.log"))
+        async with deploy.deployment(kind, spec, work, mount, failed) as engine, trio.open_nursery() as nursery:
+            if proc is not None:
+                nursery.start_soon(_watch_daemon, proc, failed)
             yield engine
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_daemon(proc: subprocess.Popen, failed: Callable[[str], None]) -> None:
+    code = await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+    failed(f"the FlexNPU daemon (pid {proc.pid}) exited with {code}: every engine's virtual NPU is lost")
 
 
 def echofs(mount: Path):

@@ -62,7 +62,7 @@ def human(n: int) -> str:
 
 
 def policy_label(physical: dict) -> str:
-    """A physical NPU's policy with its state: `flex (decode reserve 12, tpot target 50 ms)`."""
+    """A physical NPU's policy with its state: `flex (decode reserve 5, tpot target 40 ms)`."""
     state = []
     for key, value in physical["policy_state"].items():
         if value is None:  # not decided yet (flex's reserve before its first dispatch)
@@ -292,6 +292,7 @@ def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_nu
     import trio
 
     from workloads.model import model_config
+    from workloads.server import Health
     from workloads.server import serve as serve_http
     from workloads.spec import ServeSpec
 
@@ -302,12 +303,26 @@ def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_nu
     changes = {"time_scale": time_scale} | ({"max_num_seqs": max_num_seqs} if max_num_seqs else {})
     spec = ServeSpec.for_model(model, **changes)
 
-    async def main() -> None:
-        async with launch.deployment(kind, spec) as engine:
-            click.echo(f"serving {engine.model} ({kind}) at http://{host}:{port}/v1 — Ctrl-C stops", err=True)
-            await serve_http(engine, host, port)
+    async def main() -> str | None:
+        """Serve until a signal (None) or until the engine goes down (why: the process then exits 1, for a
+        supervisor such as Kubernetes or systemd to restart it)."""
+        health = Health()
+        down: list[str] = []
+        async with launch.deployment(kind, spec, on_failure=health.down) as engine, trio.open_nursery() as nursery:
 
-    trio.run(main)
+            async def watch() -> None:
+                down.append(await health.wait_down())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            click.echo(f"serving {engine.model} ({kind}) at http://{host}:{port}/v1 — Ctrl-C stops", err=True)
+            await serve_http(engine, host, port, health=health)
+            nursery.cancel_scope.cancel()
+        return down[0] if down else None
+
+    why = trio.run(main)
+    if why is not None:
+        raise click.ClickException(f"the engine went down ({why}); exiting for a supervisor to restart the service")
 
 
 @main.group()

@@ -2,8 +2,9 @@
 
 No I/O, threads or clocks: every call that depends on time takes `now`, so the serving processes and the
 virtual-time simulator drive the same object. One step is in flight at a time: `schedule()` returns a plan,
-the driver runs it, `finish_step()` records its tokens; blocks freed meanwhile (an abort) are reused only by the
-next `schedule()`, so a running step never writes into a block handed to someone else.
+the driver runs it, `finish_step()` records its tokens; the blocks of a request aborted meanwhile go back to the
+pool only when the step ends (`finish_step()`, or `cancel_step()` when it never will), so a running step never
+writes into a block handed to someone else — not even by another batcher sharing the pool.
 
 Policy (vLLM v0's default, with v1's chunked prefill):
 - KV cache: a pool of `num_blocks` blocks of `block_size` tokens. A request is admitted (FCFS, head of line
@@ -233,6 +234,7 @@ class Batcher:
         self._running: list[_Request] = []  # admission order: the last is the newest
         self._in_flight: StepPlan | None = None
         self._in_flight_requests: dict[str, _Request] = {}
+        self._held: list[int] = []  # blocks of requests aborted during the step in flight: freed when it ends
         self._now = -math.inf
         self._preemptions = 0
 
@@ -299,9 +301,18 @@ class Batcher:
             self._waiting.remove(request)
         if request in self._running:
             self._running.remove(request)
-        self.pool.free(request.blocks)
+        if self._in_flight_requests.get(request_id) is request:
+            self._held += request.blocks  # the step in flight may still write them
+        else:
+            self.pool.free(request.blocks)
         request.blocks = []
         return True
+
+    def cancel_step(self) -> None:
+        """The step in flight will never finish (its engine died): forget it, and free what it held back."""
+        self._in_flight, self._in_flight_requests = None, {}
+        self.pool.free(self._held)
+        self._held = []
 
     def release(self, request_id: str, handed_over: bool = False) -> None:
         """Prefill role: the KV of a handed-over request has been copied out; free its blocks. `handed_over`: the
@@ -401,6 +412,8 @@ class Batcher:
         self._tick(now)
         self._in_flight = None
         self._in_flight_requests = {}
+        self.pool.free(self._held)
+        self._held = []
         events: list[Event] = []
         for entry in plan.entries:
             request = live.get(entry.request_id)

@@ -119,15 +119,17 @@ class Coordinator:
         self.requests[request_id] = _Request(prompt, max_tokens, ignore_eos, entry)
         return entry
 
-    def abort(self, request_id: str) -> None:
-        """Forget a request wherever it is (its client went away, or its engine died) and free its blocks."""
+    def abort(self, request_id: str) -> list[Instance]:
+        """Forget a request wherever it is (its client went away, or its engine died) and free its blocks; the
+        engines that may have room now are returned, to wake."""
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
+            return []
         request.at.outstanding -= 1
         for instance in self.instances:
             instance.batcher.abort(request_id)
             instance.inbox[:] = [h for h in instance.inbox if h.request_id != request_id]
+        return self.instances
 
     def fail(self, instance: Instance, why: str) -> list[str]:
         """`instance` died: the requests it owed are lost (returned); the other engines go on."""
@@ -135,6 +137,7 @@ class Coordinator:
         lost = [rid for rid, request in self.requests.items() if request.at is instance]
         for rid in lost:
             self.abort(rid)
+        instance.batcher.cancel_step()
         return lost
 
     # -- steps --------------------------------------------------------------------------------------------------
@@ -156,11 +159,13 @@ class Coordinator:
             return None
         return Step(plan, tuple(pulls))
 
-    def pulled(self, pulls: tuple[Pull, ...]) -> None:
-        """The driver copied these blocks: the prefill engines' copies are free again."""
+    def pulled(self, pulls: tuple[Pull, ...]) -> list[Instance]:
+        """The driver copied these blocks: the prefill engines' copies are free again (they may take prompts that
+        waited for blocks: returned, to wake)."""
         for pull in pulls:
             if pull.request_id in self.requests:  # else aborted meanwhile, blocks and all
                 pull.prefill.batcher.release(pull.request_id)
+        return list({pull.prefill: None for pull in pulls})
 
     def finish_step(self, instance: Instance, plan: StepPlan, sampled: dict[str, int], now: float) -> Outcome:
         """Record a step's sampled tokens; finished requests leave, handed-over ones go to a decode engine."""

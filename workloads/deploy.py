@@ -20,7 +20,7 @@ import contextlib
 import math
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,10 @@ from workloads.model import model_config
 from workloads.serving import EngineError, EngineStats, Output, RequestRejected
 from workloads.spec import DEPLOYMENTS, ServeSpec
 from workloads.workerproc import WorkerProcess
+
+
+def _ignore(why: str) -> None:
+    pass
 
 
 @dataclass(eq=False)
@@ -63,13 +67,17 @@ class Worker:
 class Deployment:
     """An Engine over one or two worker processes, coordinated by workloads/coordinator.py."""
 
-    def __init__(self, spec: ServeSpec, workers: list[Worker], copy_kv: bool) -> None:
+    def __init__(
+        self, spec: ServeSpec, workers: list[Worker], copy_kv: bool, on_failure: Callable[[str], None] = _ignore
+    ) -> None:
+        """`on_failure(why)`: a worker died (the front end's health goes down; a supervisor restarts the service)."""
         config = model_config(spec.model)
         self.model, self.max_model_len, self.vocab_size = config.name, spec.max_model_len, config.vocab_size
         self.workers = {w.core: w for w in workers}
         entries = [w.core for w in workers if w.core.role is not Role.DECODE]
         decoders = [w.core for w in workers if w.core.role is Role.DECODE]
         self.core = Coordinator(entries, decoders, copy_kv)
+        self.on_failure = on_failure
         self.requests: dict[str, _Request] = {}
 
     # -- Engine ----------------------------------------------------------------------------------------------
@@ -97,7 +105,8 @@ class Deployment:
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
-            self.core.abort(request_id)
+            for core in self.core.abort(request_id):
+                self.workers[core].poke()
 
     def stats(self) -> EngineStats:
         instances = self.core.instances
@@ -115,6 +124,13 @@ class Deployment:
         async with trio.open_nursery() as nursery:
             for worker in self.workers.values():
                 nursery.start_soon(self._serve, worker)
+                nursery.start_soon(self._watch, worker)
+
+    async def _watch(self, worker: Worker) -> None:
+        """A worker that exits, even while idle, fails at once (not at the next request)."""
+        await worker.process.process.wait()
+        if not worker.core.dead:
+            self._fail(worker, str(worker.process.died("its wait")))
 
     async def _serve(self, worker: Worker) -> None:
         while not worker.core.dead:
@@ -135,7 +151,8 @@ class Deployment:
         """Disaggregated: copy handed-over KV blocks from the prefill worker's pools, across the interconnect."""
         pairs = [[src, dst] for pull in pulls for src, dst in zip(pull.src, pull.dst, strict=True)]
         await worker.process.call("pull", blocks=pairs)
-        self.core.pulled(pulls)
+        for core in self.core.pulled(pulls):
+            self.workers[core].poke()
 
     async def _step(self, worker: Worker, plan: StepPlan) -> dict[str, int]:
         entries = [e for e in plan.entries if e.request_id in self.requests]
@@ -174,9 +191,13 @@ class Deployment:
             self.workers[core].poke()
 
     def _fail(self, worker: Worker, why: str) -> None:
-        """A worker died: every request it holds ends with why; the other worker goes on."""
+        """A worker died: every request it holds ends with why; the other worker goes on (and serves what it can
+        alone); the front end is told."""
+        if worker.core.dead:
+            return
         for request_id in self.core.fail(worker.core, why):
             self._lose(request_id, why)
+        self.on_failure(why)
         for other in self.workers.values():
             other.poke()  # a prefill worker held back for a dead decode worker's room goes on (to lose them)
 
@@ -211,7 +232,11 @@ def topology(kind: str, spec: ServeSpec) -> str:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    kind: str, spec: ServeSpec, workdir: Path | None = None, mount: Path | None = None
+    kind: str,
+    spec: ServeSpec,
+    workdir: Path | None = None,
+    mount: Path | None = None,
+    on_failure: Callable[[str], None] = _ignore,
 ) -> AsyncIterator[Deployment]:
     """Start the workers `kind` needs and the coordinator's loops, and stop them on exit. Through a daemon (all but
     direct), `mount` is a daemon serving `topology(kind, spec)`: the caller starts it (tools/launch.py's
@@ -229,7 +254,7 @@ async def deployment(
             envs = [shim_env([str(mount / f"davinci{i}")], mount, phase=p) for i, p in enumerate(PHASES)]
         processes = [await WorkerProcess.start(name, env) for name, env in zip(_names(kind), envs, strict=False)]
         try:
-            engine = await _load(kind, spec, processes)
+            engine = await _load(kind, spec, processes, on_failure)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(engine.run)
                 yield engine
@@ -247,13 +272,15 @@ def _names(kind: str) -> list[str]:
     return ["model"] if kind == "direct" else list(PHASES)
 
 
-async def _load(kind: str, spec: ServeSpec, processes: list[WorkerProcess]) -> Deployment:
+async def _load(
+    kind: str, spec: ServeSpec, processes: list[WorkerProcess], on_failure: Callable[[str], None]
+) -> Deployment:
     load = {"model": spec.model, "num_blocks": spec.num_blocks, "block_size": spec.block_size, "seed": spec.seed}
     load |= {"weights": not spec.timing, "max_num_seqs": spec.max_num_seqs, "max_model_len": spec.max_model_len}
     if kind == "direct":
         await processes[0].call("init", **load, kv=None)
         model = Worker(Instance("model", Batcher(spec.batching(Role.COLOCATED))), processes[0])
-        return Deployment(spec, [model], copy_kv=False)
+        return Deployment(spec, [model], copy_kv=False, on_failure=on_failure)
     prefill, decode = processes
     await prefill.call("init", **load, kv=None)
     decode_pid = (await decode.call("pid"))["pid"]
@@ -269,4 +296,4 @@ async def _load(kind: str, spec: ServeSpec, processes: list[WorkerProcess]) -> D
         Worker(Instance("prefill", Batcher(spec.batching(Role.PREFILL), pool)), prefill),
         Worker(Instance("decode", Batcher(spec.batching(Role.DECODE), pool)), decode),
     ]
-    return Deployment(spec, workers, copy_kv=kind == "disaggregated")
+    return Deployment(spec, workers, copy_kv=kind == "disaggregated", on_failure=on_failure)

@@ -39,7 +39,7 @@ class WorkerProcess:
                 await self.process.stdin.send_all(json.dumps({"op": op, **args}).encode() + b"\n")
                 line = await self._readline()
             except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
-                raise self._died(op) from None
+                raise self.died(op) from None
         answer = json.loads(line)
         if "error" in answer:
             raise EngineError(f"{self.name} engine: {answer['error']}")
@@ -64,7 +64,8 @@ class WorkerProcess:
         self._buffer = bytearray(rest)
         return line
 
-    def _died(self, op: str) -> EngineError:
+    def died(self, op: str) -> EngineError:
+        """Why it can no longer serve, as an error naming `op`, what it was doing."""
         code = self.process.poll()
         if code is None:
             how = "closed its pipes"

@@ -88,26 +88,32 @@ def test_killing_the_decode_worker_ends_its_requests_and_the_prefill_goes_on(tmp
     trio.run(main)
 
 
-def test_vdevctl_serve_answers_over_http_and_stops_cleanly_on_sigint():
-    """The front end over a deployment, as a user starts it: one command, then SIGINT stops everything."""
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """`vdevctl serve ARGS` on a free port, once it answers; (the process, its /v1 URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve = subprocess.Popen(
-        [sys.executable, "-m", "tools.vdevctl", "serve", "--deployment", "direct", "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "tools.vdevctl", "serve", *args, "--port", str(port)], stderr=subprocess.PIPE, text=True
     )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/models")
+            return serve, url
+        except httpx.TransportError:
+            if serve.poll() is not None or time.monotonic() > deadline:
+                serve.kill()
+                raise AssertionError(f"vdevctl serve did not come up: {serve.communicate()[1]}") from None
+            time.sleep(0.1)
+
+
+def test_vdevctl_serve_answers_over_http_and_stops_cleanly_on_sigint():
+    """The front end over a deployment, as a user starts it: one command, then SIGINT stops everything."""
+    serve, url = start_serve("--deployment", "direct")
     try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                models = httpx.get(f"{url}/models").json()
-                break
-            except httpx.TransportError:
-                assert serve.poll() is None and time.monotonic() < deadline, "vdevctl serve did not come up"
-                time.sleep(0.1)
+        models = httpx.get(f"{url}/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
         answer = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4}).json()
         assert answer["usage"]["completion_tokens"] == 4
@@ -117,3 +123,23 @@ def test_vdevctl_serve_answers_over_http_and_stops_cleanly_on_sigint():
         serve.send_signal(signal.SIGINT)
         _, err = serve.communicate(timeout=30)
     assert serve.returncode == 0, err
+
+
+@requires_mount
+@pytest.mark.parametrize("victim", ["engine", "daemon"])
+def test_vdevctl_serve_exits_non_zero_when_an_engine_or_the_daemon_dies_even_while_idle(victim):
+    """An operator's supervisor restarts what exits: a killed engine worker or daemon, with no request in flight,
+    takes `vdevctl serve` down at once with exit code 1 and the reason, instead of answering 503 forever."""
+    serve, url = start_serve("--deployment", "colocated")
+    try:
+        children = subprocess.run(["pgrep", "-P", str(serve.pid), "-a"], capture_output=True, text=True).stdout
+        wanted = "workloads.worker" if victim == "engine" else "vdevfs.cli"
+        pid = next(int(line.split()[0]) for line in children.splitlines() if wanted in line)
+        os.kill(pid, signal.SIGKILL)
+        _, err = serve.communicate(timeout=60)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.communicate()
+    assert serve.returncode == 1, err
+    assert "the engine went down" in err and ("killed by signal 9" in err or "daemon" in err), err

@@ -33,7 +33,7 @@ async def serve_live(spec: ServeSpec) -> tuple[dict, dict]:
         w = WORKLOAD
         wall = await run_load(url, engine.model, w.rate / TIME_SCALE, w.num_requests, w.lengths, w.seed, progress=False)
         nursery.cancel_scope.cancel()
-        steps = [s for i in engine.instances for s in i.timings]
+        steps = [s for w in engine.workers.values() for s in w.timings]
     host_ms = {
         kind: statistics.mean(wall_ms / TIME_SCALE - device_ms for k, _, device_ms, wall_ms in steps if k == kind)
         for kind in ("prefill", "decode")
