@@ -20,7 +20,7 @@ from npu import profiles
 from npu.emulated.device import EmulatedNPU
 from npu.errors import AclError, InvalidParam, OutOfMemory
 from npu.memory import ALIGN, DeviceMemory, Region, rounded_size
-from npu.tasks import Cost, DeviceToDevice, DeviceToHost, Fill, HostToDevice
+from npu.tasks import Cost, DeviceToDevice, DeviceToHost, Fill, HostToDevice, Unit
 from scheduler.clock import VirtualClock
 from scheduler.engine import Engine
 from scheduler.policies import make_policy
@@ -412,6 +412,62 @@ def test_removing_a_stream_does_not_disturb_the_others_timing():
     rig.engine.advance(10.0)
     assert done.timestamp is not None
     assert done.timestamp >= LAUNCH + GiB / HBM
+
+
+@dataclass(frozen=True)
+class CubeKernel:
+    """Cube work in `tiles` pieces, cost only (timing mode): a MatMul as the timing model sees it."""
+
+    flops: float
+    tiles: int
+    name: str = "MatMul"
+
+    def cost(self) -> Cost:
+        return Cost(flops=self.flops, unit=Unit.CUBE, tiles=self.tiles)
+
+    def run(self) -> None:
+        pass
+
+
+PREFILL_MM = CubeKernel(2 * 2048 * 3584 * 18944, 1184)  # a block on every AI core, ~0.8 ms
+DECODE_MM = CubeKernel(2 * 16 * 3584 * 4096, 16)  # 16 blocks, a few us
+
+
+def decode_step(rig: Rig, start: float, beside_prefill: bool = True) -> float:
+    """Modeled time of 28 decode kernels between two events, queued at `start` beside a prefill kernel."""
+    if beside_prefill:
+        rig.task(rig.stream(), PREFILL_MM, now=start)
+    decode = rig.stream()
+    begin = rig.record(decode, now=start)
+    for _ in range(28):
+        rig.task(decode, DECODE_MM, now=start)
+    end = rig.record(decode, now=start)
+    rig.engine.advance(start + 1.0)
+    return end.timestamp - begin.timestamp
+
+
+@pytest.mark.parametrize("left", ["idle", "running", "waiting on the chip"])
+def test_a_removed_stream_leaves_nothing_that_spares_later_kernels_head_of_line_blocking(left):
+    """A short client ran kernels and went (its streams removed, idle or with work still on the chip): a later
+    decode step queued beside a prefill kernel under fifo still waits for it, exactly as on a fresh engine."""
+    fresh = decode_step(Rig("timing"), 0.01)
+    alone = decode_step(Rig("timing"), 0.01, beside_prefill=False)
+    assert fresh > 3 * alone
+
+    rig = Rig("timing")
+    earlier = rig.stream()
+    if left == "waiting on the chip":  # its kernel queued on the chip behind another stream's prefill kernel
+        rig.task(rig.stream(), PREFILL_MM, now=0.0)
+    for _ in range(5):
+        rig.task(earlier, DECODE_MM, now=0.0)
+    if left == "idle":
+        rig.engine.advance(0.001)
+        assert earlier.idle
+    rig.engine.remove_stream(earlier)
+    rig.engine.advance(0.009)
+    assert rig.engine.running == [] and not rig.npu.busy
+    assert rig.npu.timing.free == [CORES, 2 * CORES]
+    assert decode_step(rig, 0.01) == approx(fresh)
 
 
 # -- late and early driving ------------------------------------------------------------------------------
