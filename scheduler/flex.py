@@ -14,15 +14,21 @@ a fixed split (static) leaves one phase's cores idle while the other queues. Fle
    blocks fit on free cores, so it never sits on the chip holding back the next decode kernel (the lesson of
    Orion's pairing of compute- and memory-bound kernels: co-run them, but never queue the latency-critical one
    behind the other's blocks).
-3. The reserve adapts to a TPOT target, per decode step (a decode stream's busy period; host gaps shorter
-   than `gap_ms` do not end one). A request's TPOT is the mean of the steps it lives through, so the goal of a
-   step that ran beside prefill is the target, stretched (up to MAX_STRETCH times) while the moving average of
-   all steps is under it — steps that had the chip alone pay for slower contended ones. After each contended
-   step the reserve moves halfway to the cores that would have made it take its goal (a memory-bound step's
-   time goes as 1 / its cores), within [MIN_DECODE, cores - MIN_PREFILL]. So decode holds the fewest cores that
-   keep its TPOT within the target and prefill — TTFT — gets everything else. Where Sarathi-Serve bounds decode
-   stalls by capping prefill chunks in time, flex bounds them in space (cores); where DistServe and Splitwise
-   size the phases per instance for hours, flex re-sizes them per step on one chip.
+3. The reserve is sized per decode step (a decode stream's busy period; host gaps shorter than `gap_ms` do not
+   end one), before the step runs: when a step begins, its kernels are queued (a graph replay, or a serving
+   engine's step submitted at once), and the chip's own cost model (npu/emulated/timing.alone) predicts the
+   step's time on r cores. The reserve is the fewest cores whose prediction, times the slowdown measured on
+   earlier steps that ran beside prefill (HBM shared with it, host gaps inside the step), meets the step's
+   goal, within [MIN_DECODE, cores - MIN_PREFILL]. So decode is protected before it suffers, not one step
+   after, and prefill — TTFT — gets every other core. The goal is `tpot_target_ms`, or, with
+   `tpot_isolated_pct`, at most that much over the step alone on the whole chip (the paper's "TPOT nearly
+   unchanged", asked for directly; the smaller of the two when both are set).
+
+   Prior art, and what was taken: Sarathi-Serve bounds decode stalls by capping prefill chunks in time; flex
+   bounds them in space (cores), sized from each step's predicted cost as Nexus sizes phase partitions from a
+   cost model; DuetServe's and Tally's idea of predicting a kernel's time before dispatch to keep the
+   latency-critical side within its target; DistServe and Splitwise size the phases per instance for hours,
+   flex per step on one chip.
 
 The target is on the device time of a step (what the chip controls): set it to the TPOT objective less the
 serving engine's host time per step.
@@ -33,34 +39,45 @@ from __future__ import annotations
 import math
 import operator
 import weakref
+from collections import Counter
 
+from npu.emulated.timing import alone
+from npu.profiles import ChipProfile
 from npu.tasks import Unit
 from scheduler.policy import Cores, Dispatch, Quiet
-from scheduler.stream import Phase, Stream
+from scheduler.stream import Phase, Stream, TaskEntry
 
 ARRIVAL = operator.attrgetter("arrival")
 MIN_DECODE = 1  # AI cores decode always keeps while active
 MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
-SMOOTHING = 0.05  # weight of the latest step in the moving average of steps (about the last 20)
-MAX_STRETCH = 2.0  # a contended step may take at most this many targets (when uncontended ones are fast)
+SMOOTHING = 0.2  # weight of the latest contended step in the moving average of slowdowns (about the last 5)
 
 
 class Flex(Quiet):
     name = "flex"
 
-    def __init__(self, tpot_target_ms: float = 50.0, linger_ms: float = 10.0, gap_ms: float = 0.1) -> None:
+    def __init__(
+        self,
+        tpot_target_ms: float = 40.0,
+        tpot_isolated_pct: float = 0.0,
+        linger_ms: float = 10.0,
+        gap_ms: float = 0.1,
+    ) -> None:
         if tpot_target_ms <= 0:
             raise ValueError(f"flex policy: tpot_target_ms must be > 0, got {tpot_target_ms}")
+        if tpot_isolated_pct < 0:
+            raise ValueError(f"flex policy: tpot_isolated_pct must be >= 0 (0: off), got {tpot_isolated_pct}")
         if linger_ms < 0 or gap_ms < 0:
             raise ValueError(f"flex policy: linger_ms and gap_ms must be >= 0, got {linger_ms} and {gap_ms}")
         self.target = tpot_target_ms / 1e3
+        self.isolated_pct = tpot_isolated_pct
         self.linger = linger_ms / 1e3
         self.gap = gap_ms / 1e3
-        self.reserve: int | None = None  # AI cores kept for decode; half the chip until steps say otherwise
+        self.reserve: int | None = None  # AI cores kept for decode; half the chip until a step is sized
         self.ai_cores = 0
         self.last_decode = -math.inf
         self.contended = False  # prefill held cores during the current decode step
-        self.mean_step: float | None = None  # moving average of decode steps: what a request's TPOT averages
+        self.slowdown = 1.0  # moving average of measured / predicted (at least 1), over steps beside prefill
         self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # [start, drained at]
 
     def select(self, ready, running, chip, now):
@@ -74,7 +91,7 @@ class Flex(Quiet):
         decode.sort(key=ARRIVAL)
         prefill.sort(key=ARRIVAL)
         for entry in decode:
-            self._step_begins(entry.stream, now)
+            self._step_begins(entry.stream, chip, now)
         decoding = bool(decode) or cores.decode != [0, 0]
         if decoding:
             self.last_decode = now
@@ -116,27 +133,55 @@ class Flex(Quiet):
             step[1] = now
 
     def status(self):
-        return {"decode_reserve": self.reserve, "tpot_target_ms": self.target * 1e3}
+        state = {"decode_reserve": self.reserve, "tpot_target_ms": self.target * 1e3}
+        if self.isolated_pct:
+            state["tpot_isolated_pct"] = self.isolated_pct
+        return state
 
-    def _step_begins(self, stream: Stream, now: float) -> None:
+    def _step_begins(self, stream: Stream, chip: ChipProfile, now: float) -> None:
         step = self.steps.get(stream)
         if step is None:
-            self.steps[stream] = [now, None]
+            step = self.steps[stream] = [now, None, None]  # start, drained at, predicted time
         elif step[1] is not None:  # it had drained
-            if now - step[1] > self.gap:
-                self._adapt(step[1] - step[0])
-                step[0] = now
-            step[1] = None
+            if now - step[1] <= self.gap:
+                step[1] = None
+                return  # a host gap inside the step
+            self._measure(step)
+            step[0], step[1], step[2] = now, None, None
+        elif step[2] is not None:
+            return  # sized already
+        self._size(stream, step, chip)  # or again: its kernels may follow its first copies (records come one by one)
 
-    def _adapt(self, step_s: float) -> None:
-        """After a decode step: move the reserve halfway to what would have made it take its goal."""
-        assert self.reserve is not None
-        self.mean_step = step_s if self.mean_step is None else self.mean_step + SMOOTHING * (step_s - self.mean_step)
+    def _measure(self, step: list) -> None:
+        """After a decode step that ran beside prefill: how much slower than predicted it was. The prediction is
+        the step alone on its reserve, a floor for a step held to it; a step that ran faster had more cores while
+        prefill paused, which says nothing about the reserve, so it counts as on time."""
         contended, self.contended = self.contended, False
-        if not contended:
-            return  # decode had the chip: the step says nothing about the reserve
-        goal = self.target * min(MAX_STRETCH, max(1.0, self.target / self.mean_step))
-        wanted = self.reserve * step_s / goal  # a memory-bound step's time goes as 1 / its cores
-        move = (wanted - self.reserve) / 2
-        move = math.ceil(move) if move > 0 else math.floor(move) if move < -0.5 else 0
-        self.reserve = min(max(self.reserve + move, MIN_DECODE), self.ai_cores - MIN_PREFILL)
+        start, end, predicted = step
+        if contended and predicted:
+            self.slowdown += SMOOTHING * (max(1.0, (end - start) / predicted) - self.slowdown)
+
+    def _size(self, stream: Stream, step: list, chip: ChipProfile) -> None:
+        """A step begins: the fewest cores that make its queued kernels meet the goal, as far as known. A step of
+        copies alone (a decode engine reading its sampled tokens back on another stream) needs no core and leaves
+        the reserve to the steps that do."""
+        costs = Counter(e.task.cost() for e in stream.queue if isinstance(e, TaskEntry))  # layers repeat kernels
+        if all(cost.unit is Unit.DMA for cost in costs):
+            return  # unsized: the next ready head tries again
+        ratio = chip.vector_cores // chip.ai_cores
+
+        def predict(cores: int) -> float:
+            return sum(n * alone(chip, cost, cores, cores * ratio) for cost, n in costs.items())
+
+        goal = self.target
+        if self.isolated_pct:
+            goal = min(goal, predict(chip.ai_cores) * (1 + self.isolated_pct / 100))
+        low, high = MIN_DECODE, self.ai_cores - MIN_PREFILL
+        while low < high:  # the prediction only falls as cores grow
+            mid = (low + high) // 2
+            if predict(mid) * self.slowdown <= goal:
+                high = mid
+            else:
+                low = mid + 1
+        self.reserve = low
+        step[2] = predict(low)

@@ -4,15 +4,16 @@ The setups (Qwen2.5-7B shapes, 910B2 chips, the Azure conversation trace, every 
 - direct (fifo): each chip runs one engine doing both phases — passthrough;
 - fifo co-location: a prefill and a decode engine per chip (one KV pool), arrival order;
 - static co-location: the same, each phase in a fixed half of the cores (vNPU templates);
-- flex co-location: the same under the flex policy (TPOT target FLEX_TARGET_MS on device step time);
+- flex co-location: the same under the flex policy (its default TPOT target on device step time);
 - static disaggregation: prefill engines on some chips, decode engines on the others (KV over HCCS), the PD ratio
   chosen by the `pd_ratio` sweep at the highest rate.
 Simulated: NPUS chips at a sweep of request rates; each comparison is at the same rate per chip. Then the
 figures the conclusions rest on are re-run across the device-model constants nobody has measured (per-core
-memory path, launch overhead). Live: the co-location policies through the daemon for a small sweep (the same
-engines, batching and chips in real processes, paced at SERVE_TIME_SCALE). Full run only: one simulated hour of a
-16-chip deployment, timed. Plots: TTFT and TPOT vs rate, goodput vs rate, and a timeline of the cores each phase
-holds on one chip.
+memory path, launch overhead), and the co-location policies across three traces (conversation, code, fixed
+2048/128) and several seeds, with the targets checked per trace. Live: the co-location policies through the
+daemon for a small sweep (the same engines, batching and chips in real processes, paced at SERVE_TIME_SCALE).
+Full run only: one simulated hour of a 16-chip deployment, timed. Plots: TTFT and TPOT vs rate, goodput vs
+rate, and a timeline of the cores each phase holds on one chip.
 """
 
 from __future__ import annotations
@@ -23,27 +24,28 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from npu.profiles import ChipProfile, profile
+from scheduler.policies import make_policy
 from sim.run import Workload, simulate
 from sim.serving import SimSpec
 from tools.bench_fidelity import sweeps
 from workloads.model import model_config
 from workloads.spec import ServeSpec
 from workloads.tables import plain
-from workloads.traffic import CONVERSATION, DEFAULT_SLO, Length, Lengths
+from workloads.traffic import CODE, CONVERSATION, DEFAULT_SLO, Length, Lengths
 
 MODEL = "qwen2.5-7b"
 CHIP = profile("910B2")
 NPUS = 4
 HOST_MS = 1.0  # the serving engine's own work per step, modeled (a graph replay's inputs and launch)
-FLEX_TARGET_MS = 45.0  # the TPOT SLO (50 ms) less host time and a margin
 SETUPS = {  # label: (deployment, policy, options)
     "direct (fifo)": ("direct", "fifo", ()),
     "fifo co-location": ("colocated", "fifo", ()),
     "static co-location": ("colocated", "static", ()),
-    "flex co-location": ("colocated", "flex", (("tpot_target_ms", FLEX_TARGET_MS),)),
+    "flex co-location": ("colocated", "flex", ()),
     "static disaggregation": ("disaggregated", "fifo", ()),
 }
-STATIC, FLEX, DISAGG = "static co-location", "flex co-location", "static disaggregation"
+STATIC, FLEX, DISAGG, FIFO = "static co-location", "flex co-location", "static disaggregation", "fifo co-location"
+TRACES = {"conversation": CONVERSATION, "code": CODE, "fixed 2048/128": Lengths.fixed(2048, 128)}
 
 
 def spec(label: str, npus: int = NPUS, chip: ChipProfile = CHIP, prefill_npus: int = 0, fold: int = 28) -> SimSpec:
@@ -72,9 +74,9 @@ def _summary(outcome) -> dict:
     }
 
 
-def _workload(rate_per_npu: float, npus: int, seconds: float) -> Workload:
+def _workload(rate_per_npu: float, npus: int, seconds: float, lengths: Lengths = CONVERSATION, seed: int = 0):
     rate = rate_per_npu * npus
-    return Workload(CONVERSATION, rate, max(16, round(rate * seconds)))
+    return Workload(lengths, rate, max(16, round(rate * seconds)), seed)
 
 
 def pd_ratio(rate_per_npu: float, seconds: float, npus: int = NPUS) -> dict:
@@ -117,6 +119,47 @@ def compare(runs: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 def _pct(new: float | None, old: float | None) -> float | None:
     return None if not old or new is None else (new / old - 1) * 100
+
+
+def traces(rates: list[float], seconds: float, seeds: int) -> dict:
+    """The co-location policies on each trace, every rate, `seeds` seeds; per trace the targets, checked on the
+    seeds' mean goodput and worst TPOT p99: flex's goodput >= static's and fifo's at every rate, flex's TPOT p99
+    within the SLO wherever static's is, and flex's TTFT p50 change against static's at static's knee (its last rate
+    with TTFT p99 within the SLO)."""
+    out = {}
+    for name, lengths in TRACES.items():
+        runs = {label: {} for label in (FIFO, STATIC, FLEX)}
+        for label in runs:
+            for rate in rates:
+                outs = [
+                    _summary(simulate(spec(label), _workload(rate, NPUS, seconds, lengths, seed), jobs=2))
+                    for seed in range(seeds)
+                ]
+                runs[label][f"{rate:g}"] = {
+                    "goodput": float(np.mean([o["goodput"] for o in outs])),
+                    "ttft_p50_s": float(np.mean([o["ttft_s"]["p50"] for o in outs])),
+                    "ttft_p99_s": max(o["ttft_s"]["p99"] for o in outs),
+                    "tpot_p99_s": max(o["tpot_s"]["p99"] or 0.0 for o in outs),
+                }
+        out[name] = {"runs": runs, "checks": _checks(runs)}
+    return out
+
+
+def _checks(runs: dict) -> dict:
+    flex, static, fifo = runs[FLEX], runs[STATIC], runs[FIFO]
+    slo = DEFAULT_SLO.tpot_s
+    knee = [r for r, s in static.items() if s["ttft_p99_s"] <= DEFAULT_SLO.ttft_s]
+    knee_rate = knee[-1] if knee else next(iter(static))
+    return {
+        "goodput_ge_static_and_fifo": {
+            r: flex[r]["goodput"] >= 0.995 * max(static[r]["goodput"], fifo[r]["goodput"]) for r in flex
+        },
+        "tpot_p99_within_slo_where_static_is": {
+            r: flex[r]["tpot_p99_s"] <= slo for r in flex if static[r]["tpot_p99_s"] <= slo
+        },
+        "knee_rate": knee_rate,
+        "ttft_p50_change_at_knee_pct": _pct(flex[knee_rate]["ttft_p50_s"], static[knee_rate]["ttft_p50_s"]),
+    }
 
 
 def sensitivity(rates: list[float], seconds: float, prefill_npus: int, quick: bool) -> list[dict]:
@@ -191,9 +234,15 @@ def live(quick: bool) -> dict:
 
 def run(quick: bool = False) -> dict:
     if quick:
-        rates, seconds, hi = [3.0, 6.0], 30.0, 6.0
+        rates, seconds, hi, trace_rates, seeds = [3.0, 6.0], 30.0, 6.0, [2.0, 4.0, 6.0], 2
     else:
-        rates, seconds, hi = [float(r) for r in range(1, 11)], 120.0, 8.0
+        rates, seconds, hi, trace_rates, seeds = (
+            [float(r) for r in range(1, 11)],
+            120.0,
+            8.0,
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+            3,
+        )
     ratio = pd_ratio(hi, seconds)
     prefill_npus = int(ratio["chosen"].split(":")[0])
     runs = sweep(rates, seconds, prefill_npus)
@@ -205,12 +254,13 @@ def run(quick: bool = False) -> dict:
         "trace": "Azure conversation (prompt 1155±1109, output 211±163)",
         "slo": {"ttft_s": DEFAULT_SLO.ttft_s, "tpot_s": DEFAULT_SLO.tpot_s},
         "host_ms": HOST_MS,
-        "flex_target_ms": FLEX_TARGET_MS,
+        "flex_target_ms": make_policy("flex").target * 1e3,
         "seconds_per_rate": seconds,
         "pd_ratio": ratio,
         "runs": runs,
         "compare": compare(runs),
         "near_static_saturation": near,
+        "traces": traces(trace_rates, seconds, seeds),
         "sensitivity": sensitivity(sorted({near, rates[len(rates) // 2]}), seconds, prefill_npus, quick),
         "fold_check": fold_check(float(near), seconds / 2),
         "timeline": timelines(float(near), 15.0, (10.0, 11.0)),
@@ -311,6 +361,28 @@ def render(r: dict) -> str:
         "flex co-location vs static co-location (changes: negative TTFT is better), and vs static disaggregation:",
         _compare_table(r["compare"]),
         f"static co-location's last rate before saturation: {r['near_static_saturation']:g} req/s per chip",
+        "",
+        "Across traces (co-location, mean goodput and worst TPOT p99 over seeds; TTFT p50 in ms):",
+    ]
+    for name, t in r["traces"].items():
+        c = t["checks"]
+        rows = [("rate/chip", *(f"{lab.split()[0]} {k}" for lab in t["runs"] for k in ("goodput", "TTFT", "TPOT p99")))]
+        for rate in t["runs"][FLEX]:
+            cells = []
+            for label in t["runs"]:
+                s = t["runs"][label][rate]
+                cells += [f"{s['goodput']:.2f}", _ms(s["ttft_p50_s"]), _ms(s["tpot_p99_s"])]
+            rows.append((rate, *cells))
+        good = [k for k, ok in c["goodput_ge_static_and_fifo"].items() if not ok]
+        tpot = [k for k, ok in c["tpot_p99_within_slo_where_static_is"].items() if not ok]
+        out += [
+            f"  {name}",
+            "  " + plain(rows).replace("\n", "\n  "),
+            f"  flex goodput >= static and fifo: {'every rate' if not good else 'not at ' + ', '.join(good)}; "
+            f"TPOT p99 within the SLO where static's is: {'yes' if not tpot else 'not at ' + ', '.join(tpot)}; "
+            f"TTFT p50 at static's knee ({c['knee_rate']}/s): {_signed(c['ttft_p50_change_at_knee_pct'])}",
+        ]
+    out += [
         "",
         "Across the device-model constants nobody has measured (flex vs static co-location, vs disaggregation):",
     ]

@@ -27,7 +27,8 @@
     prefill_cores = 12        # AI cores of the prefill partition (default: half the chip); decode gets the rest
 
     [policy.flex]
-    tpot_target_ms = 50       # decode's device time per step that the decode reserve adapts to
+    tpot_target_ms = 40       # a decode step's device-time goal: each step's reserve is sized to meet it
+    tpot_isolated_pct = 5     # and at most this much over the step alone on the whole chip (0: off)
     linger_ms = 10            # decode counts as active this long after its last kernel
     gap_ms = 0.5              # host gaps shorter than this do not end a decode step
 

@@ -194,15 +194,16 @@ def test_quota_of_a_whole_chip_is_allowed(tmp_path):
 
 def test_each_physical_npu_runs_the_daemon_policy_unless_it_names_its_own(tmp_path):
     text = edited('backend = "emulated"', 'backend = "emulated"\npolicy = "flex"')
-    text = text.replace(LAST, f"{LAST}\n\n[policy.flex]\ntpot_target_ms = 40\nlinger_ms = 5\n")
+    text = text.replace(LAST, f"{LAST}\n\n[policy.flex]\ntpot_target_ms = 40\ntpot_isolated_pct = 5\nlinger_ms = 5\n")
     cfg = config.load(write(tmp_path, text))
     assert [p.policy for p in cfg.physical] == ["fifo", "flex"]
-    assert cfg.policy_options == {"flex": {"tpot_target_ms": 40, "linger_ms": 5}}
+    assert cfg.policy_options == {"flex": {"tpot_target_ms": 40, "tpot_isolated_pct": 5, "linger_ms": 5}}
     topology = config.build(cfg, driver="sync")
     npu0, npu1 = topology.physical
     assert (npu0.policy, type(npu0.runner.engine.policy)) == ("fifo", Fifo)
     assert (npu1.policy, type(npu1.runner.engine.policy)) == ("flex", Flex)
-    assert (npu1.runner.engine.policy.target, npu1.runner.engine.policy.linger) == (0.04, 0.005)
+    flex = npu1.runner.engine.policy
+    assert (flex.target, flex.isolated_pct, flex.linger) == (0.04, 5, 0.005)
     assert topology.policy_options == cfg.policy_options  # a switch at run time makes its policy with them too
 
 
@@ -334,7 +335,7 @@ def test_mistake_names_key_and_value(tmp_path, old, new, key, value):
         (f"{LAST}\n[policy.rr]\nquantum = 1", "no such policy (have fifo, static, flex)"),
         (
             f"{LAST}\n[policy.flex]\ntpot = 50",
-            "flex has no such option (its options: tpot_target_ms, linger_ms, gap_ms)",
+            "flex has no such option (its options: tpot_target_ms, tpot_isolated_pct, linger_ms, gap_ms)",
         ),
         (f"{LAST}\n[policy.fifo]\nquantum = 1", "fifo has no such option (its options: none)"),
         (f"{LAST}\n[policy.static]\nprefill_cores = 12.5", "must be an integer"),
@@ -407,7 +408,12 @@ def run_vdevfsd(tmp_path: Path, config_path: Path) -> tuple[subprocess.Completed
 
 CLI_BAD = [
     ("policy", 'policy = "fifo"', 'policy = "rr"', ("daemon.policy", "'rr'")),
-    ("policy-option", LAST, f"{LAST}\n[policy.flex]\ntpot = 50", ("policy.flex.tpot", "tpot_target_ms, linger_ms")),
+    (
+        "policy-option",
+        LAST,
+        f"{LAST}\n[policy.flex]\ntpot = 50",
+        ("policy.flex.tpot", "tpot_target_ms, tpot_isolated_pct, linger_ms"),
+    ),
     ("quota", 'memory = "8GiB"', 'memory = "65GiB"', ("virtual[0].memory",)),
     ("name", 'name = "davinci1"', 'name = "gpu1"', ("virtual[1].name", "'gpu1'")),
     ("unknown-key", "[daemon]", "[daemon]\nspeed = 2", ("daemon.speed", "2")),

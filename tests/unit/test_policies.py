@@ -1,7 +1,7 @@
 """The dispatch policies (scheduler/policy.py, static.py, flex.py) driving an engine over an emulated 910B2 in
 timing mode, step by step in modeled time: which kernel starts when, on how many cores, and what each policy
 promises (fifo's arrival order and head-of-line blocking, static's partitions, flex's decode-first reserve and
-its adaptation to a TPOT target). Expected times are worked out from the block-level model
+its reserve sized per decode step to a TPOT target). Expected times are worked out from the block-level model
 (npu/emulated/timing.py) with `timing.alone`, the time of a kernel on an idle chip.
 """
 
@@ -79,14 +79,20 @@ class Rig:
         self.engine.submit(entry, now)
         return entry
 
-    def burst(self, stream: Stream, cost: Cost, n: int, now: float) -> list[TaskEntry]:
-        """`n` kernels queued on `stream` at once (a decode step's launches)."""
+    def burst(self, stream: Stream, cost: Cost, n: int, now: float, beside: TaskEntry | None = None) -> list[TaskEntry]:
+        """`n` kernels queued on `stream` at once (a decode step's launches), with `beside` queued at the same
+        moment (dispatched together)."""
         entries = []
         for _ in range(n):
             self.seq += 1
             entries.append(TaskEntry(stream, self.seq, task=FakeTask(cost)))
-        self.engine.submit_all(entries, now)
+        self.engine.submit_all(entries + [beside] * (beside is not None), now)
         return entries
+
+    def entry(self, stream: Stream, cost: Cost) -> TaskEntry:
+        """A kernel for `stream`, not queued yet."""
+        self.seq += 1
+        return TaskEntry(stream, self.seq, task=FakeTask(cost))
 
     def step_to(self, t: float, check: Callable[[], None] = lambda: None) -> None:
         """Advance to `t` one chip event at a time, calling `check` after each (and at `t`)."""
@@ -289,39 +295,107 @@ def test_static_partitions_hold_for_any_kernel_mix(mix, prefill_cores):
 
 # -- flex --------------------------------------------------------------------------------------------------
 
+# A wide decode kernel (a bigger batch's attention or MLP): 24 memory-bound blocks of 1 MB, so on r cores it takes
+# 3 us + ceil(24 / r) x 17.4 us (1 MB at one AI core's 57.6 GB/s): 72.4 us on 6 cores, 37.7 us on 12 to 23.
+WIDE = Cost(hbm_bytes=24e6, unit=Unit.MIX, tiles=24)
+# A long prefill GEMM that holds 24 - reserve cube cores for over 70 ms: beside every step of a test.
+LONG_PREFILL = Cost(flops=240e11, hbm_bytes=240e6, unit=Unit.CUBE, tiles=240)
+# A prefill kernel of two blocks of 12 GFLOP (0.8 ms): beside a whole step, yet on 2 cores whatever the reserve,
+# so a decode step beside it always has its reserve.
+PAIR_PREFILL = Cost(flops=24e9, hbm_bytes=2e6, unit=Unit.CUBE, tiles=2)
+TARGET = 300e-6  # a step's device-time goal that puts 4 WIDE kernels on 6 cores
+
+
+def predict(costs: list[Cost], cores: int) -> float:
+    """A step's predicted time on `cores` AI cores (and twice the vector cores): its kernels one after another,
+    each as on an idle chip."""
+    return sum(timing.alone(B2, cost, cores, 2 * cores) for cost in costs)
+
+
+def fewest_cores(costs: list[Cost], goal: float, slowdown: float = 1.0) -> int:
+    """What flex's docstring says a step's reserve is: the fewest cores in [MIN_DECODE, 24 - MIN_PREFILL] whose
+    prediction, times the slowdown, meets the goal, or the most when none does. Tried one by one (flex bisects)."""
+    top = CORES - flex_module.MIN_PREFILL
+    return next((r for r in range(flex_module.MIN_DECODE, top + 1) if predict(costs, r) * slowdown <= goal), top)
+
+
+class Sizer:
+    """flex's docstring as a model: a step is sized as it begins; a step that ran beside prefill then moves the
+    slowdown by SMOOTHING toward its measured / predicted time (the prediction on the reserve it was given)."""
+
+    def __init__(self, target_s: float) -> None:
+        self.target, self.slowdown, self.predicted = target_s, 1.0, 0.0
+
+    def begin(self, costs: list[Cost]) -> int:
+        reserve = fewest_cores(costs, self.target, self.slowdown)
+        self.predicted = predict(costs, reserve)
+        return reserve
+
+    def end(self, step_s: float, contended: bool) -> None:
+        if contended:
+            self.slowdown += flex_module.SMOOTHING * (step_s / self.predicted - self.slowdown)
+
+
+def decode_step(
+    rig: Rig,
+    decode: Stream,
+    start: float,
+    bursts: tuple[int, ...],
+    beside: Cost | None = None,
+    gap_s: float = 50e-6,
+    check: Callable[[], None] = lambda: None,
+) -> tuple[int, float]:
+    """One decode step from `start`: bursts of WIDE kernels queued at once, each burst `gap_s` after the one
+    before drained (a host gap under gap_ms: the same step), with a `beside` prefill kernel queued just after
+    the first. Returns the reserve the step was given as it began and when it drained."""
+    prefill = next(s for s in rig.engine.streams if s.phase is Phase.PREFILL)
+    t, reserve = start, None
+    for n in bursts:
+        rig.step_to(t, check)
+        assert not decode.queue  # the step drained before this burst (and the one before it)
+        first = reserve is None and beside is not None
+        entries = rig.burst(decode, WIDE, n, t, rig.entry(prefill, beside) if first else None)
+        reserve = rig.policy.reserve if reserve is None else reserve
+        while decode.queue:
+            rig.step_to(rig.npu.next_event(), check)
+        t = entries[-1].job.finished_at + gap_s
+    return reserve, entries[-1].job.finished_at
+
 
 def test_flex_decode_starts_at_once_on_the_reserve_beside_a_long_prefill_kernel():
     """flex: while decode is active, a prefill kernel launches with a core limit of 24 - reserve; a decode kernel
     arriving while that long prefill kernel runs starts at once (its start is its arrival, no block waits) on the
-    reserved cores, and takes no longer than on an idle chip."""
-    rig, prefill, decode = prefill_and_decode("flex")
-    d0 = rig.submit(decode, DECODE, 0.0)  # decode is active
+    reserved cores, and takes no longer than on an idle chip. With a 30 us target a 4-block decode kernel is
+    given 4 cores (20.4 us; on 2 or 3 it takes 37.7 us)."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=0.03)
+    d0 = rig.submit(decode, DECODE, 0.0)  # decode is active: its step is sized as it begins
+    assert rig.policy.reserve == 4 == fewest_cores([DECODE], 30e-6)
     p = rig.submit(prefill, PREFILL, 0.0)
-    reserve = rig.policy.reserve
-    assert reserve == CORES // 2  # before any step has been measured
-    assert (p.job.cube_limit, p.job.blocks) == (CORES - reserve, CORES - reserve)
-    rig.step_to(1e-4)
+    assert (p.job.cube_limit, p.job.blocks) == (CORES - 4, CORES - 4)
+    rig.step_to(5e-4)
     assert d0.job.finished_at == approx(DECODE_S)
 
-    d1 = rig.submit(decode, DECODE, 1e-4)  # the prefill kernel holds 12 cube cores until 1.36 ms
-    assert d1.job.started_at == 1e-4
-    assert d1.job.cube_limit <= reserve and d1.job.blocks == 4
+    d1 = rig.submit(decode, DECODE, 5e-4)  # a new step; the prefill kernel holds 20 cube cores until 0.82 ms
+    assert rig.policy.reserve == 4
+    assert d1.job.started_at == 5e-4
+    assert d1.job.cube_limit <= 4 and d1.job.blocks == 4
     assert rig.waiting() == []
-    rig.step_to(1e-3, lambda: assert_no_block_waits(rig))
-    assert d1.job.finished_at == approx(1e-4 + DECODE_S)
+    rig.step_to(7e-4, lambda: assert_no_block_waits(rig))
+    assert d1.job.finished_at == approx(5e-4 + DECODE_S)
     assert p in rig.engine.running  # the decode kernel did not wait for it
     rig.drain()
-    assert p.job.finished_at == approx(timing.alone(B2, PREFILL, cube_limit=CORES - reserve))
+    assert p.job.finished_at == approx(timing.alone(B2, PREFILL, cube_limit=CORES - 4))
 
 
 def test_flex_prefill_gets_the_whole_chip_once_decode_has_lingered_out():
-    """flex: within linger_ms of the last decode work a prefill kernel still leaves the reserve free; once no
-    decode work has been seen for longer than linger_ms (10 ms), a prefill kernel launches on all 24 cores."""
+    """flex: within linger_ms of the last decode work a prefill kernel still leaves the reserve free (one core:
+    a 20 us step is far under the default 40 ms target); once no decode work has been seen for longer than
+    linger_ms (10 ms), a prefill kernel launches on all 24 cores."""
     rig, prefill, decode = prefill_and_decode("flex", linger_ms=10.0)
     rig.submit(decode, DECODE, 0.0)
     rig.step_to(1e-3)
     within = rig.submit(prefill, PREFILL, 5e-3)
-    assert within.job.cube_limit == CORES - rig.policy.reserve == 12
+    assert within.job.cube_limit == CORES - rig.policy.reserve == CORES - flex_module.MIN_DECODE
     rig.step_to(15e-3)
     assert within.job.finished_at < 15e-3
     after = rig.submit(prefill, PREFILL, 15e-3)
@@ -346,150 +420,205 @@ def test_flex_linger_counts_from_the_end_of_decode_work():
 
 def test_flex_decode_takes_its_tiles_when_no_prefill_waits():
     """flex: with no prefill work, a decode kernel may use every free core (up to its tiles), not just the
-    reserve; with prefill waiting, a decode kernel is capped at the reserve."""
-    rig, prefill, decode = prefill_and_decode("flex")
-    wide = Cost(hbm_bytes=24e6, unit=Unit.MIX, tiles=24)
-    alone_ = rig.submit(decode, wide, 0.0)
+    reserve; with prefill waiting, a decode kernel is capped at the reserve (6 cores: a WIDE kernel within an
+    80 us target needs ceil(24 / r) <= 4)."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=0.08)
+    alone_ = rig.submit(decode, WIDE, 0.0)
+    assert rig.policy.reserve == 6
     assert (alone_.job.cube_limit, alone_.job.blocks) == (CORES, CORES)
     rig.drain()
-    p, capped = TaskEntry(prefill, 2, task=FakeTask(PREFILL)), TaskEntry(decode, 3, task=FakeTask(wide))
+    p, capped = TaskEntry(prefill, 2, task=FakeTask(PREFILL)), TaskEntry(decode, 3, task=FakeTask(WIDE))
     rig.engine.submit_all([p, capped], 1e-3)  # both ready at once: decode first, on its reserve
     assert p.job.cube_limit == CORES - rig.policy.reserve
-    assert capped.job.started_at == 1e-3 and capped.job.blocks == rig.policy.reserve == 12
+    assert capped.job.started_at == 1e-3 and capped.job.blocks == rig.policy.reserve == 6
     assert rig.waiting() == []
 
 
-def steps(
-    rig: Rig, decode: Stream, cost: Cost, n_kernels: int, starts: list[float], check: Callable[[], None] = lambda: None
-) -> tuple[list[int], list[tuple[float, float]]]:
-    """Decode steps: a burst of `n_kernels` at each of `starts` (each step drains before the next starts, and
-    the host gap between steps exceeds gap_ms). Returns the reserve after each step started and each step's
-    (start, end)."""
-    reserves, bursts = [], []
-    for start in starts:
-        rig.step_to(start, check)
-        if bursts:
-            assert bursts[-1][-1].job.finished_at < start - rig.policy.gap  # drained, then a gap > gap_ms
-        bursts.append(rig.burst(decode, cost, n_kernels, start))
-        reserves.append(rig.policy.reserve)
-    return reserves, [(b[0].job.started_at, b[-1].job.finished_at) for b in bursts[:-1]]
+WIDER = Cost(hbm_bytes=36e6, unit=Unit.MIX, tiles=24)  # 1.5 MB blocks: 3 us + ceil(24 / r) x 26 us
 
 
-class Adapter:
-    """What flex's docstring says a contended step does to the reserve: a moving average of steps sets the goal
-    (the target, stretched up to MAX_STRETCH while steps run fast), and the reserve moves halfway to the cores
-    that would have made the step take its goal."""
+@pytest.mark.parametrize(
+    ("cost", "n", "expected"),
+    [(WIDE, 4, 6), (WIDE, 6, 12), (WIDER, 4, 12), (WIDE, 10, 22)],
+    ids=["4-wide-6", "6-wide-12", "4-wider-12", "10-wide-none-meets-22"],
+)
+def test_flex_sizes_a_step_to_the_fewest_cores_whose_predicted_time_meets_the_target(cost, n, expected):
+    """flex, 0.3 ms target: when a decode step begins, before any of its kernels ran, the reserve is the fewest
+    cores on which its queued kernels' predicted times (timing.alone, one after another) add up to at most the
+    target. 4 WIDE kernels need ceil(24 / r) <= 4 (6 cores: 290 us); 6 need <= 2 (12 cores: 226 us), as do 4 of
+    1.5 MB blocks (12 cores: 220 us); 10 miss it even on 22 cores (377 us), which is then what they get: prefill
+    keeps 2. A prefill kernel queued beside the step gets the rest."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    p = rig.entry(prefill, LONG_PREFILL)
+    entries = rig.burst(decode, cost, n, 0.0, beside=p)
+    assert rig.policy.reserve == expected == fewest_cores([cost] * n, TARGET)
+    if expected < 22:
+        assert predict([cost] * n, expected) <= TARGET < predict([cost] * n, expected - 1)
+    else:
+        assert predict([cost] * n, 22) > TARGET
+    assert rig.policy.steps[decode][2] == approx(predict([cost] * n, expected))
+    assert p.job.cube_limit == CORES - expected
+    assert entries[0].job.blocks == expected and rig.waiting() == []
+    rig.step_to(5e-3, lambda: assert_no_block_waits(rig))
+    assert entries[-1].job.finished_at == approx(predict([cost] * n, expected))  # as predicted, beside prefill
 
-    def __init__(self, target_s: float, reserve: int = CORES // 2) -> None:
-        self.target, self.reserve, self.mean = target_s, reserve, None
 
-    def step(self, step_s: float) -> int:
-        self.mean = step_s if self.mean is None else self.mean + flex_module.SMOOTHING * (step_s - self.mean)
-        goal = self.target * min(flex_module.MAX_STRETCH, max(1.0, self.target / self.mean))
-        move = (self.reserve * step_s / goal - self.reserve) / 2
-        move = math.ceil(move) if move > 0 else math.floor(move) if move < -0.5 else 0
-        self.reserve = min(max(self.reserve + move, flex_module.MIN_DECODE), CORES - flex_module.MIN_PREFILL)
-        return self.reserve
+@pytest.mark.parametrize(
+    ("target_ms", "cost", "expected"),
+    [(40.0, WIDE, 1), (40.0, DECODE, 1), (1e-3, WIDE, 22), (1e-3, DECODE, 22)],
+    ids=["loose-wide", "loose-decode", "tight-wide", "tight-decode"],
+)
+def test_flex_a_loose_target_gives_decode_one_core_and_one_nothing_meets_gives_it_22(target_ms, cost, expected):
+    """flex: a step of 4 kernels that meets the default 40 ms target on one core (1.7 ms of WIDE kernels) is
+    given MIN_DECODE = 1 core; one that no reserve can bring under a 1 us target gets 24 - MIN_PREFILL = 22."""
+    rig, _, decode = prefill_and_decode("flex", tpot_target_ms=target_ms)
+    rig.burst(decode, cost, 4, 0.0)
+    assert rig.policy.reserve == expected == fewest_cores([cost] * 4, target_ms / 1e3)
 
 
-LONG_PREFILL = Cost(flops=240e11, hbm_bytes=240e6, unit=Unit.CUBE, tiles=240)  # 136 ms on 12 cores
+@pytest.mark.parametrize(
+    ("target_ms", "pct", "cost", "expected"),
+    [
+        (40.0, 100.0, WIDE, 12),
+        (40.0, 5.0, WIDE, 22),
+        (40.0, 5.0, DECODE, 4),
+        (TARGET * 1e3, 300.0, WIDE, 6),
+        (TARGET * 1e3, 100.0, WIDE, 12),
+    ],
+    ids=["twice-alone-12", "5pct-22", "5pct-4-blocks-4", "target-smaller-6", "isolated-smaller-12"],
+)
+def test_flex_tpot_isolated_pct_keeps_a_step_within_that_much_of_the_whole_chip(target_ms, pct, cost, expected):
+    """flex with tpot_isolated_pct: a step's goal is at most (1 + pct / 100) times its predicted time alone on the
+    whole chip, and the smaller of that and the target. 4 WIDE kernels take 81 us on 24 cores: within 100 % over
+    it (163 us) they need 12 cores, within 5 % no reserve will do (22); 4-block kernels are as fast on 4 cores
+    as on 24. With a 0.3 ms target, 300 % (326 us) leaves the target the goal (6 cores), 100 % does not (12)."""
+    rig, _, decode = prefill_and_decode("flex", tpot_target_ms=target_ms, tpot_isolated_pct=pct)
+    rig.burst(decode, cost, 4, 0.0)
+    goal = min(target_ms / 1e3, predict([cost] * 4, CORES) * (1 + pct / 100))
+    assert rig.policy.reserve == expected == fewest_cores([cost] * 4, goal)
+    state = rig.policy.status()
+    assert (state["decode_reserve"], state["tpot_isolated_pct"]) == (expected, pct)
+    assert "tpot_isolated_pct" not in make_policy("flex").status()
+
+
+def test_flex_a_slow_step_beside_prefill_raises_the_next_steps_reserve():
+    """flex: a step that ran beside a prefill kernel and took longer than predicted (here a second burst of
+    kernels after a 50 us host gap, under gap_ms: 630 us against 290 us predicted on 6 cores) moves the slowdown
+    by SMOOTHING toward measured / predicted (1.23), and the next step is sized with it: 4 WIDE kernels need
+    ceil(24 / r) <= 3 within 0.3 ms, 8 cores."""
+    rig, _, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    reserve, end = decode_step(rig, decode, 0.0, (4, 4), beside=LONG_PREFILL)
+    predicted = predict([WIDE] * 4, 6)
+    assert reserve == 6 and rig.policy.steps[decode][2] == approx(predicted)
+    assert end == approx(2 * predicted + 50e-6)  # ran on its reserve, beside prefill, as the model has it
+    assert rig.policy.slowdown == 1.0  # measured when the next step begins
+    next_reserve, _ = decode_step(rig, decode, 2e-3, (4,))
+    slowdown = 1.0 + flex_module.SMOOTHING * (end / predicted - 1.0)
+    assert rig.policy.slowdown == approx(slowdown) and slowdown == pytest.approx(1.2345, abs=1e-4)
+    assert next_reserve == rig.policy.reserve == 8 == fewest_cores([WIDE] * 4, TARGET, slowdown)
+
+
+def slow_then_on_time(n_slow: int, n_on_time: int) -> tuple[list[int], list[int]]:
+    """Decode steps 2 ms apart, each beside a PAIR_PREFILL kernel (0.8 ms on 2 cores): `n_slow` of two bursts of
+    4 WIDE kernels 50 us apart, then `n_on_time` of one burst. Returns the reserves they were given, checked
+    against the model step by step."""
+    rig, _, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    model = Sizer(TARGET)
+    reserves = []
+    for i, bursts in enumerate([(4, 4)] * n_slow + [(4,)] * n_on_time):
+        start = i * 2e-3
+        reserve, end = decode_step(rig, decode, start, bursts, PAIR_PREFILL, check=lambda: assert_no_block_waits(rig))
+        assert reserve == model.begin([WIDE] * 4)
+        assert end - start == approx(len(bursts) * model.predicted + (len(bursts) - 1) * 50e-6)
+        model.end(end - start, contended=True)
+        reserves.append(reserve)
+    rig.drain(lambda: assert_no_block_waits(rig))
+    return reserves[:n_slow], reserves[n_slow:]
 
 
 def test_flex_slow_decode_steps_beside_prefill_grow_the_reserve_up_to_22():
-    """flex: decode steps beside a running prefill kernel that take longer than tpot_target_ms grow the reserve
-    (halfway to what the step says it needs), up to 22 cores (prefill keeps 2)."""
-    target = 90e-6
-    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=target * 1e3)
-    first = rig.burst(decode, DECODE, 5, 0.0)
-    p = rig.submit(prefill, LONG_PREFILL, 0.0)
-    reserves, spans = steps(rig, decode, DECODE, 5, [i * 1e-3 for i in range(1, 10)])
-    assert p in rig.engine.running  # the prefill kernel ran beside every step
-    model = Adapter(target)
-    spans = [(0.0, first[-1].job.finished_at), *spans]
-    assert reserves == [model.step(end - start) for start, end in spans]
-    assert all(end - start > target for start, end in spans)
-    assert reserves[-2:] == [22, 22]  # never more than 24 - MIN_PREFILL
-    assert all(a <= b for a, b in zip(reserves, reserves[1:], strict=False))
+    """flex: steps beside prefill that keep taking over twice their prediction raise the slowdown step after step,
+    and with it the reserve (6, 8, 12, ...), up to 22 cores once no reserve meets the target (prefill keeps 2)."""
+    slow, _ = slow_then_on_time(10, 0)
+    assert slow[:3] == [6, 8, 12] and slow[-1] == 22
+    assert all(a <= b for a, b in zip(slow, slow[1:], strict=False))
 
 
-def test_flex_steps_in_one_busy_period_count_as_one_step():
-    """flex: host gaps shorter than gap_ms do not end a decode step. Two bursts 100 us apart beside
-    a prefill kernel are one step (gap_ms 0.1), and the reserve moves once, by that whole step."""
-    target = 90e-6
-    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=target * 1e3)
-    first = rig.burst(decode, DECODE, 2, 0.0)
-    rig.submit(prefill, LONG_PREFILL, 0.0)
-    rig.step_to(1e-4)
-    assert first[-1].job.finished_at < 1e-4  # drained before the second burst
-    second = rig.burst(decode, DECODE, 2, 1e-4)
-    assert rig.policy.reserve == 12
-    rig.step_to(2e-3)
-    step_s = second[-1].job.finished_at - 0.0
-    rig.burst(decode, DECODE, 2, 2e-3)
-    assert rig.policy.reserve == Adapter(target).step(step_s) > 12
+def test_flex_decode_steps_on_time_beside_prefill_bring_the_reserve_back():
+    """flex: once the steps beside prefill take what was predicted, the slowdown falls back toward 1 and the
+    reserve with it, down to what a step needs on its own (6 cores for 4 WIDE kernels within 0.3 ms)."""
+    slow, on_time = slow_then_on_time(10, 20)
+    assert slow[-1] == 22 and on_time[-1] == 6
+    assert all(a >= b for a, b in zip(on_time, on_time[1:], strict=False))
 
 
-def test_flex_fast_decode_steps_beside_prefill_shrink_the_reserve_down_to_1():
-    """flex: decode steps far under tpot_target_ms (50 ms), taken while a prefill kernel runs, give cores back
-    (halfway to what they need each step), down to 1 core; the decode kernels still start at once on what is
-    left."""
-    rig, prefill, decode = prefill_and_decode("flex")
-    first = rig.burst(decode, DECODE, 5, 0.0)
-    p = rig.submit(prefill, LONG_PREFILL, 0.0)
-    assert p.job.cube_limit == 12
-    starts = [i * 1e-3 for i in range(1, 16)]
-    reserves, spans = steps(rig, decode, DECODE, 5, starts, lambda: assert_no_block_waits(rig))
-    assert p in rig.engine.running  # the prefill kernel ran beside every step
-    assert first[-1].job.finished_at < 1e-3
-    model = Adapter(50e-3)
-    spans = [(0.0, first[-1].job.finished_at), *spans]
-    assert reserves == [model.step(end - start) for start, end in spans]
-    assert reserves[-1] == flex_module.MIN_DECODE and min(reserves) >= 1
-    assert rig.waiting() == []
+def test_flex_decode_steps_without_prefill_leave_the_slowdown_at_1():
+    """flex: only steps that ran beside prefill say how much slower than predicted decode runs: steps with no
+    prefill work (twice their prediction here, with a host gap inside) leave the slowdown at 1.0 and the reserve
+    at what each step needs."""
+    rig, _, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    reserves = [decode_step(rig, decode, i * 2e-3, (4, 4))[0] for i in range(6)]
+    assert reserves == [6] * 6 and rig.policy.slowdown == 1.0
 
 
-def test_flex_fast_decode_steps_without_prefill_keep_the_reserve():
-    """flex: steps under the target only give cores back when prefill was running beside them; with no prefill
-    work, fast steps leave the reserve as it is."""
-    rig, _, decode = prefill_and_decode("flex")
-    reserves, _ = steps(rig, decode, DECODE, 5, [i * 1e-3 for i in range(6)])
-    assert reserves == [12] * 6
+@pytest.mark.parametrize(("gap_s", "one_step"), [(50e-6, True), (150e-6, False)], ids=["50us", "150us"])
+def test_flex_host_gaps_shorter_than_gap_ms_keep_one_step_sized_once(gap_s, one_step):
+    """flex, gap_ms 0.1: a burst of 10 WIDE kernels 50 us after a burst of 4 drained is the same step: the reserve
+    stays as the step was sized (6), and the step is measured over both bursts when the next one begins. 150 us
+    after, it is a new step, sized for its 10 kernels (22)."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    reserve, _ = decode_step(rig, decode, 0.0, (4,), beside=PAIR_PREFILL)
+    assert reserve == 6
+    start = rig.engine.t + gap_s
+    second, end = decode_step(rig, decode, start, (10,))
+    assert second == rig.policy.reserve == (6 if one_step else 22)
+    decode_step(rig, decode, 5e-3, (4,))
+    assert end < 2e-3  # the prefill kernel (0 to 0.8 ms) ran beside it; it is measured as the step at 5 ms begins
+    if one_step:  # one step of 14 kernels, predicted as its first 4, from 0
+        span, predicted = end, predict([WIDE] * 4, 6)
+    else:  # the first step ran as predicted (slowdown 1); the second, from its own start, against its own
+        span, predicted = end - start, predict([WIDE] * 10, 22)
+    assert rig.policy.slowdown == approx(1 + flex_module.SMOOTHING * (span / predicted - 1))
 
 
 def test_flex_prefill_between_steps_does_not_count_as_running_beside_the_step():
-    """flex's docstring: a fast step gives a core back only if it was 'taken while prefill was running beside
-    it'. A 102 us decode step at 0 ms with no prefill, a short prefill kernel at 1-1.14 ms (in the host gap,
-    within linger_ms), then the next step at 2 ms: the first step was not contended, the reserve stays 12."""
-    rig, prefill, decode = prefill_and_decode("flex")
-    first = rig.burst(decode, DECODE, 5, 0.0)
+    """flex's docstring: the slowdown is measured 'on earlier steps that ran beside prefill'. A 630 us step at
+    0 ms with no prefill (twice its prediction), a short prefill kernel at 1-1.14 ms (in the host gap, within
+    linger_ms), then the next step at 2 ms: the first step was not contended, the slowdown stays 1.0 and the
+    reserve 6."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    _, end = decode_step(rig, decode, 0.0, (4, 4))
+    assert end < 1e-3
     rig.step_to(1e-3)
-    assert first[-1].job.finished_at < 1e-3
     gemm = rig.submit(prefill, Cost(flops=24e9, hbm_bytes=24e6, unit=Unit.CUBE, tiles=24), 1e-3)
     rig.step_to(2e-3)
     assert 1e-3 < gemm.job.finished_at < 2e-3  # nothing of the prefill kernel overlapped the first step
-    rig.burst(decode, DECODE, 5, 2e-3)
-    assert rig.policy.reserve == 12
+    rig.burst(decode, WIDE, 4, 2e-3)
+    assert (rig.policy.reserve, rig.policy.slowdown) == (6, 1.0)
 
 
 @settings(max_examples=40, deadline=None, database=None)
 @given(
     target_us=st.sampled_from([30.0, 90.0, 200.0, 1000.0]),
-    plan=st.lists(st.tuples(st.integers(1, 12), st.booleans()), min_size=2, max_size=12),
+    isolated_pct=st.sampled_from([0.0, 5.0, 100.0]),
+    plan=st.lists(
+        st.tuples(st.integers(1, 12), st.sampled_from([DECODE, WIDE]), st.booleans()), min_size=2, max_size=12
+    ),
 )
-def test_flex_reserve_stays_within_1_and_22(target_us, plan):
-    """flex: whatever the decode steps (1-12 kernels each, slow or fast against the target) and whether prefill
-    runs beside them, the reserve stays within [MIN_DECODE, 24 - MIN_PREFILL] = [1, 22]."""
-    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=target_us / 1e3)
+def test_flex_reserve_stays_within_1_and_22(target_us, isolated_pct, plan):
+    """flex: whatever the decode steps (1-12 kernels each, of 4 or 24 blocks, slow or fast against the goal) and
+    whether prefill runs beside them, the reserve stays within [MIN_DECODE, 24 - MIN_PREFILL] = [1, 22]."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=target_us / 1e3, tpot_isolated_pct=isolated_pct)
     short_prefill = Cost(flops=24e9, hbm_bytes=24e6, unit=Unit.CUBE, tiles=24)
     assert flex_module.MIN_DECODE == 1 and CORES - flex_module.MIN_PREFILL == 22
 
     def within_bounds():
         assert rig.policy.reserve is None or 1 <= rig.policy.reserve <= 22
 
-    for i, (n, with_prefill) in enumerate(plan):
+    for i, (n, cost, with_prefill) in enumerate(plan):
         start = i * 2e-3
         rig.step_to(start, within_bounds)
-        rig.burst(decode, DECODE, n, start)
+        rig.burst(decode, cost, n, start)
         if with_prefill:
             rig.submit(prefill, short_prefill, start)
         assert 1 <= rig.policy.reserve <= 22
@@ -646,7 +775,7 @@ def test_make_policy_names_the_valid_policies_for_an_unknown_one():
     ("name", "bad", "valid"),
     [
         ("static", "prefil_cores", ["prefill_cores"]),
-        ("flex", "tpot_ms", ["tpot_target_ms", "linger_ms", "gap_ms"]),
+        ("flex", "tpot_ms", ["tpot_target_ms", "tpot_isolated_pct", "linger_ms", "gap_ms"]),
         ("fifo", "reserve", []),
     ],
 )
@@ -667,6 +796,7 @@ def test_make_policy_names_the_valid_options_for_an_unknown_one(name, bad, valid
     [
         ("static", {"prefill_cores": 0}, "prefill_cores must be at least 1, got 0"),
         ("flex", {"tpot_target_ms": 0}, "tpot_target_ms must be > 0, got 0"),
+        ("flex", {"tpot_isolated_pct": -1}, "tpot_isolated_pct must be >= 0"),
     ],
 )
 def test_make_policy_refuses_option_values_that_mean_nothing(name, opts, match):
@@ -678,6 +808,20 @@ def test_make_policy_refuses_option_values_that_mean_nothing(name, opts, match):
 def test_make_policy_gives_fresh_policies_with_their_options():
     """Each call makes a new policy with the options given; none share state."""
     a, b = make_policy("flex", tpot_target_ms=20), make_policy("flex")
-    assert a is not b and (a.target, b.target) == (0.02, 0.05)
+    assert a is not b and (a.target, b.target, b.isolated_pct) == (0.02, 0.04, 0.0)
     assert make_policy("static", prefill_cores=18).prefill_cores == 18
     assert make_policy("fifo").name == "fifo"
+
+
+def test_flex_a_step_of_copies_on_another_decode_stream_leaves_the_reserve():
+    """A serving engine reads its sampled tokens back with a blocking copy on its default stream, another decode
+    stream: that step needs no core and must not size the reserve down to 1 (found live: prefill then took 23
+    cores between decode steps)."""
+    rig, prefill, decode = prefill_and_decode("flex", tpot_target_ms=TARGET * 1e3)
+    tokens = rig.stream(Phase.DECODE)
+    p = rig.entry(prefill, LONG_PREFILL)
+    rig.burst(decode, WIDE, 4, 0.0, beside=p)
+    assert rig.policy.reserve == 6
+    rig.step_to(1e-3)
+    rig.burst(tokens, Cost(hbm_bytes=4e3, link_bytes=4e3, unit=Unit.DMA), 1, 1e-3)
+    assert rig.policy.reserve == 6

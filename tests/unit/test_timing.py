@@ -233,3 +233,23 @@ def test_a_finished_task_is_freed_at_once_not_by_the_cycle_collector():
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("cost", "limits"),
+    [
+        (Cost(flops=3e12, hbm_bytes=4e8, unit=Unit.CUBE, tiles=1184, efficiency=0.8), (24, 48)),
+        (Cost(flops=1e10, hbm_bytes=2e8, unit=Unit.CUBE, tiles=16, efficiency=0.6, launches=28), (5, 10)),
+        (Cost(hbm_bytes=1.2e9, unit=Unit.VECTOR, tiles=4096), (24, 7)),
+        (Cost(flops=2e11, hbm_bytes=3e8, unit=Unit.MIX, tiles=96, efficiency=0.4), (9, 48)),
+        (Cost(hbm_bytes=1e8, link_bytes=1e8, unit=Unit.DMA), (24, 48)),
+    ],
+)
+def test_alone_in_closed_form_is_a_lone_job_on_the_block_timing(cost, limits):
+    """What flex predicts steps with is what the block timing model makes of the same kernel on an idle chip."""
+    job = Job(task=None, cube_limit=limits[0], vector_limit=limits[1])
+    chip = timing.BlockTiming(B2)
+    chip.start(job, cost)
+    while chip.busy:
+        chip.advance(chip.next_event())
+    assert timing.alone(B2, cost, *limits) == pytest.approx(job.finished_at, rel=1e-9)
