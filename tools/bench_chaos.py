@@ -32,11 +32,11 @@ from collections import Counter
 from pathlib import Path
 
 from interposer import limits, wire
+from interposer.config import Config
 from interposer.shim.flexnpu_client.client import FileTransport
 from tools import chaos_abuse, launch
 from tools.chaos_abuse import DEVICES, Vandal
 from tools.chaos_client import GONE_EXIT
-from vdevfs.config import Config
 from workloads.tables import plain
 
 CONFIG = """

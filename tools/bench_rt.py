@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from interposer import config as configuration
 from interposer.shim.flexnpu_client.client import FLUSH_RECORDS, Client, FileTransport
 from interposer.shim.flexnpu_client.direct import DirectTransport
 from interposer.shim.flexnpu_client.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
 from interposer.translate import Translator
 from interposer.wire import COMMANDS, Op
 from tools import launch
-from vdevfs import config as configuration
 from workloads.tables import plain
 
 CONFIG = """

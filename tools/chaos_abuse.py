@@ -23,12 +23,12 @@ from pathlib import Path
 
 import interposer.shim
 from interposer import limits, wire
+from interposer.config import Config
 from interposer.shim.flexnpu_client.client import FileTransport
 from interposer.shim.flexnpu_client.errors import AclCallError
 from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, Op
 from npu.errors import AclError
-from vdevfs.config import Config
 
 DEVICES = ("davinci0", "davinci1")
 MiB = 1 << 20

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 import trio
 
+from interposer import config as configuration
 from interposer import logs
-from vdevfs import config as configuration
 from vdevfs.daemon import MountError, serve, unmount
 from vdevfs.limits import BufferLimits
 

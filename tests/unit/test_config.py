@@ -1,4 +1,4 @@
-"""Configuration (vdevfs/config.py) and `vdevfsd mount --config`: every mistake is refused with one message that
+"""Configuration (interposer/config.py) and `vdevfsd mount --config`: every mistake is refused with one message that
 names the key and the value, before anything is mounted."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from interposer import config
+from interposer.config import ConfigError
 from scheduler.clock import VirtualClock
 from scheduler.flex import Flex
 from scheduler.policy import Fifo
 from scheduler.runner import SyncRunner
 from scheduler.static import Static
 from scheduler.stream import Phase
-from vdevfs import config
-from vdevfs.config import ConfigError
 
 GiB = 1 << 30
 MiB = 1 << 20

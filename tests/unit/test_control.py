@@ -7,13 +7,13 @@ import pytest
 import trio
 import trio.testing
 
+from interposer import config
 from npu.memory import Region
 from npu.tasks import Fill
 from scheduler.flex import Flex
 from scheduler.policy import Fifo, Quiet
 from scheduler.static import Static
 from scheduler.stream import Stream, TaskEntry
-from vdevfs import config
 from vdevfs.control import MAX_COMMAND, Control, execute
 
 MiB = 1 << 20

@@ -9,9 +9,9 @@ import struct
 import pytest
 from translator_client import Client
 
+from interposer import config
 from interposer.wire import Op
 from npu.errors import AclError
-from vdevfs import config
 
 TOPOLOGY = config.parse(
     {

@@ -7,10 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from translator_client import Client
 
-from interposer import wire
+from interposer import config, wire
 from interposer.wire import COMMANDS, Op
 from npu.errors import AclError
-from vdevfs import config
 
 SMALL = config.parse(
     {

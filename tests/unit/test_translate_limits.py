@@ -12,11 +12,10 @@ import time
 import pytest
 from translator_client import Client
 
-from interposer import limits, wire
+from interposer import config, limits, wire
 from interposer.handles import SessionTags
 from interposer.wire import COMMANDS, Op, OpDescription
 from npu.errors import AclError, FlexNPUError
-from vdevfs import config
 from vdevfs.limits import BufferAccount, BufferLimits
 
 MiB = 1 << 20

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from translator_client import Client
 
+from interposer import config
 from interposer.wire import Op
 from npu.errors import AclError
 from scheduler.stream import Phase, PhaseSource
 from tests.conftest import vdevctl
 from tools.vdevctl import policy_label, render
-from vdevfs import config
 
 CONFIG = {
     "daemon": {"time_scale": 0},

@@ -48,7 +48,7 @@ class DirectTopology:
         try:
             import structlog
 
-            from vdevfs import config as vdevfs_config
+            from interposer import config as topology_config
         except ImportError as exc:
             raise AclCallError(
                 f"direct mode (FLEXNPU_DIRECT=1) needs the flexnpu package installed ({exc}); "
@@ -62,8 +62,8 @@ class DirectTopology:
                 wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
             )
         try:
-            topology = vdevfs_config.build(vdevfs_config.load(config), driver="sync")
-        except vdevfs_config.ConfigError as exc:
+            topology = topology_config.build(topology_config.load(config), driver="sync")
+        except topology_config.ConfigError as exc:
             raise AclCallError(f"FLEXNPU_CONFIG: {exc}", AclError.RT_NO_DEVICE) from None
         self._vdevs = {v.name: v for v in topology.virtual}
 
