@@ -43,13 +43,14 @@ from collections import Counter
 
 from npu.emulated.timing import alone
 from npu.profiles import ChipProfile
-from npu.tasks import Unit
+from npu.tasks import Cost, Unit
 from scheduler.policy import Cores, Dispatch, Quiet
 from scheduler.stream import Phase, Stream, TaskEntry
 
 ARRIVAL = operator.attrgetter("arrival")
 MIN_DECODE = 1  # AI cores decode always keeps while active
 MIN_PREFILL = 2  # AI cores the reserve never takes from prefill
+ALONE_CACHE = 4096  # kernels whose times by cores are kept
 SMOOTHING = 0.2  # weight of the latest contended step in the moving average of slowdowns (about the last 5)
 
 
@@ -78,6 +79,7 @@ class Flex(Quiet):
         self.last_decode = -math.inf
         self.contended = False  # prefill held cores during the current decode step
         self.slowdown = 1.0  # moving average of measured / predicted (at least 1), over steps beside prefill
+        self._alone: dict[Cost, list[float]] = {}  # kernels' times alone by cores (flex runs on one chip)
         self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # [start, drained at]
 
     def select(self, ready, running, chip, now):
@@ -168,10 +170,17 @@ class Flex(Quiet):
         costs = Counter(e.task.cost() for e in stream.queue if isinstance(e, TaskEntry))  # layers repeat kernels
         if all(cost.unit is Unit.DMA for cost in costs):
             return  # unsized: the next ready head tries again
+        rows = [(n, cost, self._times(chip, cost)) for cost, n in costs.items()]
         ratio = chip.vector_cores // chip.ai_cores
 
         def predict(cores: int) -> float:
-            return sum(n * alone(chip, cost, cores, cores * ratio) for cost, n in costs.items())
+            total = 0.0
+            for n, cost, times in rows:
+                t = times[cores]
+                if t is None:
+                    t = times[cores] = alone(chip, cost, cores, cores * ratio)
+                total += n * t
+            return total
 
         goal = self.target
         if self.isolated_pct:
@@ -185,3 +194,13 @@ class Flex(Quiet):
                 low = mid + 1
         self.reserve = low
         step[2] = predict(low)
+
+    def _times(self, chip: ChipProfile, cost: Cost) -> list[float | None]:
+        """A kernel's time alone on r AI cores (and their vector cores), filled in as asked: steps repeat their
+        kernels, and a search asks a few r of each."""
+        times = self._alone.get(cost)
+        if times is None:
+            if len(self._alone) > ALONE_CACHE:  # attention costs vary with lengths: keep the cache bounded
+                self._alone.clear()
+            times = self._alone[cost] = [None] * (chip.ai_cores + 1)
+        return times

@@ -72,6 +72,13 @@ def _options(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--lengths", default="conversation", show_default=True, help="conversation, code, or PROMPT,OUTPUT.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--host-ms", type=float, default=1.0, show_default=True, help="Serving work per decode step, modeled.")
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Chunked prefill: prompt tokens per prefill step (vLLM's max_num_batched_tokens); 0: whole prompts.",
+)
 @click.option("--fold", type=int, default=1, show_default=True, help="Layers per simulated task (a divisor of them).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Processes (shards of NPUs).")
 @click.option("--json", "out", type=click.Path(path_type=Path), help="Also write the results (per request) here.")
@@ -88,6 +95,7 @@ def command(
     lengths,
     seed,
     host_ms,
+    chunk,
     fold,
     jobs,
     out,
@@ -101,7 +109,9 @@ def command(
             deployment=deployment,
             npus=npus,
             prefill_npus=prefill_npus,
-            serve=ServeSpec.for_model(config, policy=policy, policy_options=_options(options)),
+            serve=ServeSpec.for_model(
+                config, policy=policy, policy_options=_options(options), max_num_batched_tokens=chunk
+            ),
             host_ms=host_ms,
             fold=fold,
             keep_itl=out is not None,
