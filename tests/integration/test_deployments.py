@@ -5,6 +5,7 @@ across chips. Killing the decode worker ends its requests with a clear error and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -43,9 +44,9 @@ async def complete(engine, request_id: str, prompt: list[int]) -> tuple[list[int
     return tokens, finish
 
 
-async def serve_all(kind: str, tmp_path) -> list:
+async def serve_all(kind: str, tmp_path, spec: ServeSpec = SPEC) -> list:
     results: dict[int, tuple] = {}
-    async with deployment(kind, SPEC, tmp_path) as engine:
+    async with deployment(kind, spec, tmp_path) as engine:
 
         async def one(i: int) -> None:
             results[i] = await complete(engine, f"r{i}", PROMPTS[i])
@@ -67,6 +68,15 @@ def test_direct_serves_the_reference_tokens(tmp_path, expected):
 @pytest.mark.parametrize("kind", ["colocated", "disaggregated"])
 def test_split_deployments_serve_the_reference_tokens(kind, tmp_path, expected):
     results = trio.run(serve_all, kind, tmp_path)
+    assert [tokens for tokens, _ in results] == expected
+
+
+@pytest.mark.parametrize("kind", ["direct", pytest.param("colocated", marks=requires_mount)])
+def test_chunked_prefill_serves_the_reference_tokens(kind, tmp_path, expected):
+    """Prompts of 12, 3 and 19 tokens with 8 prompt tokens a step: the longer ones are prefilled in chunks, each
+    later chunk attending to what the earlier ones cached, through the coordinator, the worker and the executor."""
+    spec = dataclasses.replace(SPEC, max_num_batched_tokens=8)
+    results = trio.run(serve_all, kind, tmp_path, spec)
     assert [tokens for tokens, _ in results] == expected
 
 
