@@ -80,7 +80,7 @@ class Flex(Quiet):
         self.contended = False  # prefill held cores during the current decode step
         self.slowdown = 1.0  # moving average of measured / predicted (at least 1), over steps beside prefill
         self._alone: dict[Cost, list[float]] = {}  # kernels' times alone by cores (flex runs on one chip)
-        self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # [start, drained at]
+        self.steps: weakref.WeakKeyDictionary[Stream, list] = weakref.WeakKeyDictionary()  # per decode stream, below
 
     def select(self, ready, running, chip, now):
         if self.reserve is None:
