@@ -157,7 +157,8 @@ class Channel:
         if self.spawn is None:
             raise RuntimeError("a channel without a nursery to wait in was asked to wait on the device")
         self.waiting = True
-        self.spawn(functools.partial(self._wait, steps, wait, held, records))
+        self._scope = trio.CancelScope()  # now, not when the task starts: a close() before then must cancel it
+        self.spawn(functools.partial(self._wait, steps, wait, held, records, self._scope))
 
     def _answered(self, held: int, reply: wire.Parts | None) -> None:
         if held:
@@ -165,10 +166,11 @@ class Channel:
         if reply is not None:
             self._queue(reply)
 
-    async def _wait(self, steps: Answering, wait: Wait, held: int, records: list[Record]) -> None:
+    async def _wait(
+        self, steps: Answering, wait: Wait, held: int, records: list[Record], scope: trio.CancelScope
+    ) -> None:
         failure = None
-        self._scope = trio.CancelScope()
-        with self._scope:
+        with scope:
             try:
                 await wait.runner.wait_until(wait.done)
             except Exception as exc:  # a FlexNPUError becomes that record's error reply; a bug, the frame's

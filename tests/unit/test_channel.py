@@ -247,9 +247,10 @@ async def test_a_session_closed_while_its_frame_waits_stops_waiting_and_gives_ev
     ch, device = waiting_channel(nursery)
     ch.write(frame((Op.STREAM_SYNC, 1)))
     ch.write(frame((Op.MEM_INFO, 2)))
-    ch.close()
+    ch.close()  # before the wait's task first ran: it must still be cancelled, not left waiting on a dead session
     await trio.testing.wait_all_tasks_blocked()
     assert device.closed and ch.account.limits.held == 0 and not ch.backlog
+    assert not [t for t in nursery.child_tasks if "_wait" in t.name]  # gone before its wait could finish
     device.finished.set()
     await trio.testing.wait_all_tasks_blocked()
     assert device.answers == [] and not ch.replies  # the wait's task ended without answering
