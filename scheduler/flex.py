@@ -158,9 +158,11 @@ class Flex(Quiet):
         """After a decode step that ran beside prefill: how much slower than predicted it was. The prediction is
         the step alone on its reserve, a floor for a step held to it; a step that ran faster had more cores while
         prefill paused, which says nothing about the reserve, so it counts as on time."""
-        contended, self.contended = self.contended, False
         start, end, predicted = step
-        if contended and predicted:
+        if predicted is None:
+            return  # a step of copies (a token read on another stream): the contention seen is a sized step's
+        contended, self.contended = self.contended, False
+        if contended:
             self.slowdown += SMOOTHING * (max(1.0, (end - start) / predicted) - self.slowdown)
 
     def _size(self, stream: Stream, step: list, chip: ChipProfile) -> None:
