@@ -2,7 +2,10 @@
 served by the co-located engines under flex through the daemon, and simulated — the same batching core, step
 costs, engine and policy in virtual time. The simulator is told the one thing it cannot know: the serving
 processes' own time per step (the live steps' wall time beyond their modeled device time, a mean per step
-kind), which at the pacing used here is a few percent of a step."""
+kind), which at the pacing used here is a few percent of a step.
+
+Medians, not means, on both sides: with eight requests on a shared two-core machine, one stall of the host (a
+collection, a neighbour's burst) moves a mean by more than the 5 % compared; it moves a median by one rank."""
 
 from __future__ import annotations
 
@@ -35,14 +38,14 @@ async def serve_live(spec: ServeSpec) -> tuple[dict, dict]:
         nursery.cancel_scope.cancel()
         steps = [s for w in engine.workers.values() for s in w.timings]
     host_ms = {
-        kind: statistics.mean(wall_ms / TIME_SCALE - device_ms for k, _, device_ms, wall_ms in steps if k == kind)
+        kind: statistics.median(wall_ms / TIME_SCALE - device_ms for k, _, device_ms, wall_ms in steps if k == kind)
         for kind in ("prefill", "decode")
     }
     return to_modeled(wall, TIME_SCALE), host_ms
 
 
 @requires_mount
-def test_simulated_ttft_and_tpot_within_5_percent_of_the_live_daemon():
+def test_simulated_median_ttft_and_tpot_within_5_percent_of_the_live_daemon():
     spec = ServeSpec.for_model("qwen2.5-7b", time_scale=TIME_SCALE, policy="flex")
     live, host_ms = trio.run(serve_live, spec)
     assert live["completed"] == WORKLOAD.num_requests
@@ -56,4 +59,4 @@ def test_simulated_ttft_and_tpot_within_5_percent_of_the_live_daemon():
     )
     simulated = simulate(sim, WORKLOAD).summary()
     for key in ("ttft_s", "tpot_s"):
-        assert simulated[key]["mean"] == pytest.approx(live[key]["mean"], rel=0.05), key
+        assert simulated[key]["p50"] == pytest.approx(live[key]["p50"], rel=0.05), key
