@@ -199,7 +199,7 @@ class Translator:
             phase.declare(stream, self.phase, PhaseSource.CLIENT)
 
     def _open_stream(self) -> Stream:
-        stream = Stream()
+        stream = Stream(tenant=self.vdev.tenant)
         self._declare(stream)
         self.limits.apply(stream)
         self.runner.engine.add_stream(stream)

@@ -31,6 +31,9 @@ class Job:
     finished_at: float = 0.0
     blocks: int = 0  # the block dimension it launched with (0: a copy, no AI core)
     failure: FlexNPUError | None = None  # the task failed on the device; it completes at once
+    # AI-core seconds its blocks held (cube cores; a vector-only kernel's vector cores count as the AI cores
+    # they are part of): utilisation per tenant and per phase, from the executor's own placement of blocks.
+    core_s: float = 0.0
 
 
 class Executor(Protocol):

@@ -22,6 +22,7 @@ from scheduler.stream import (
     AsyncFailure,
     Entry,
     FailEntry,
+    Phase,
     RecordEntry,
     Stream,
     TaskEntry,
@@ -45,6 +46,7 @@ class Engine:
         self._arrivals = itertools.count()
         # (phase, start, finish, cube cores, vector cores) of every finished kernel, when someone wants a timeline
         self.trace: list[tuple] | None = None
+        self.core_s = dict.fromkeys(Phase, 0.0)  # AI-core seconds finished kernels held, by their phase
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies at run time: queued work stays queued, in order; what runs finishes as it started.
@@ -123,6 +125,10 @@ class Engine:
             self.trace.append((entry.phase, job.started_at, job.finished_at, cube * job.blocks, vector * job.blocks))
         stream = entry.stream
         stream.running = None
+        if job.blocks:
+            stream.tenant.kernels += 1
+            stream.tenant.core_s += job.core_s
+            self.core_s[entry.phase] += job.core_s
         if entry.job.failure is not None:
             exc = entry.job.failure
             stream.failure = AsyncFailure(entry.seq, exc)
@@ -189,10 +195,11 @@ class Engine:
         for d in chosen:
             entry, stream = d.entry, d.entry.stream
             assert entry.task is not None
-            # The limit its client set is a ceiling no policy lifts.
-            holder = entry.limits or stream
-            cube = min(d.cube, holder.cube_limit or profile.ai_cores)
-            vector = min(d.vector, holder.vector_limit or profile.vector_cores)
+            # The limits its client and its virtual NPU set are ceilings no policy lifts.
+            holder, cap = entry.limits or stream, stream.tenant.cores or profile.ai_cores
+            cube = min(d.cube, holder.cube_limit or profile.ai_cores, cap)
+            vector_cap = cap * profile.vector_cores // profile.ai_cores
+            vector = min(d.vector, holder.vector_limit or profile.vector_cores, vector_cap)
             entry.job = Job(entry.task, cube, vector, owner=entry)
             stream.running = entry
             self.running.append(entry)

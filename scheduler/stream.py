@@ -48,6 +48,16 @@ class Event:
     waiters: list[Stream] | None = None  # streams whose head waits on it (the engine's business)
 
 
+@dataclass(eq=False, slots=True)
+class Tenant:
+    """The virtual NPU a stream belongs to, as the engine sees it: a core cap that every policy obeys (compute
+    isolation that holds whatever the policy decides), and what its kernels used."""
+
+    cores: int | None = None  # cube cores every kernel may use at most (vector: in the chip's proportion)
+    kernels: int = 0  # kernels finished
+    core_s: float = 0.0  # AI-core seconds (modeled) they held
+
+
 @dataclass(eq=False)
 class Stream:
     phase: Phase = Phase.UNKNOWN
@@ -60,6 +70,7 @@ class Stream:
     # whole chip. A ceiling for every policy.
     cube_limit: int | None = None
     vector_limit: int | None = None
+    tenant: Tenant = field(default_factory=Tenant)  # its virtual NPU's (one of its own for a bare engine)
     # Kernel FLOPs and HBM bytes it queued, for phase inference by arithmetic intensity.
     flops: float = 0.0
     hbm_bytes: float = 0.0

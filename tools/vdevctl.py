@@ -14,11 +14,31 @@ import click
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
 from interposer.shim_env import SHIM_PATH, shim_env
-from tools import coverage, launch, simulate
+from tools import coverage
 from tools.daemon_files import read_status, send_command
 from workloads.tables import boxed, plain
 
 DEFAULT_MOUNT = "/dev/flexnpu"
+
+# Commands in modules of their own, imported when used: `vdevctl ls` need not load the simulator or gRPC.
+LAZY = {
+    "simulate": "tools.simulate",
+    "cdi": "tools.cdi",
+    "device-plugin": "tools.device_plugin.command",
+    "top": "tools.top",
+}
+
+
+class Commands(click.Group):
+    """A group whose LAZY commands are each its module's `command`, imported on first use (click's LazyGroup)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY:
+            return importlib.import_module(LAZY[name]).command
+        return super().get_command(ctx, name)
 
 
 def human(n: int) -> str:
@@ -51,7 +71,9 @@ def stream_phases(session: dict) -> str:
 
 def render(status: dict) -> str:
     physical = {p["name"]: p for p in status["physical"]}
-    rows = [("NPU", "Physical", "Chip", "Mode", "Role", "Memory used / quota", "Sessions", "Streams", "Queued")]
+    rows = [
+        ("NPU", "Physical", "Chip", "Mode", "Role", "Cores", "Memory used / quota", "Sessions", "Streams", "Queued")
+    ]
     details = []
     for v in status["virtual"]:
         p = physical[v["physical"]]
@@ -63,6 +85,7 @@ def render(status: dict) -> str:
                 v["chip"],
                 p["mode"],
                 v["role"],
+                str(v.get("cores") or "all"),  # its cap on every kernel
                 f"{human(v['memory_used'])} / {human(v['memory_quota'])}",
                 str(len(sessions)),
                 str(sum(s["streams"] for s in sessions)),
@@ -133,7 +156,7 @@ def device_names(spec: str) -> list[str]:
     return names
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--mount",
     type=click.Path(path_type=Path),
@@ -176,10 +199,55 @@ def policy(mount: Path, npu: str | None, name: str | None) -> None:
         return
     if name is None:
         raise click.UsageError("missing NAME: `vdevctl policy NPU NAME` switches NPU to policy NAME")
-    reply = send_command(mount, f"policy {npu} {name}")
+    click.echo(_command(mount, f"policy {npu} {name}"))
+
+
+def _command(mount: Path, line: str) -> str:
+    """Send a control command; its `ok: ...` reply, or the daemon's `error: ...` as the command's error."""
+    reply = send_command(mount, line)
     if not reply.startswith("ok: "):
         raise click.ClickException(reply.removeprefix("error: "))
-    click.echo(reply)
+    return reply
+
+
+@main.group()
+def vnpu() -> None:
+    """Create, resize and destroy virtual NPUs of the running daemon (kept across its restarts)."""
+
+
+@vnpu.command("create")
+@click.option("--physical", required=True, help="The physical NPU it runs on (see vdevctl ls).")
+@click.option("--memory", required=True, help="Its device-memory quota: bytes, or e.g. 8GiB.")
+@click.option("--cores", type=int, help="Every kernel of it runs on at most N AI cores (default: the whole chip).")
+@click.option("--role", type=click.Choice(["any", "prefill", "decode"]), help="Its streams' phase (default: any).")
+@click.option("--owner", help="uid:gid (or user:group) of its device node (default 0:0).")
+@click.option("--mode", help="Permission bits of its device node, octal (default 0666).")
+@click.option("--name", help="Its node's name, davinci<N> (default: the lowest free).")
+@click.pass_obj
+def vnpu_create(mount: Path, **fields) -> None:
+    """Make a virtual NPU; prints its device node's name."""
+    words = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    click.echo(_command(mount, f"vnpu create {words}").removeprefix("ok: "))
+
+
+@vnpu.command("resize")
+@click.argument("name")
+@click.option("--memory", help="The new quota (not below what its sessions hold).")
+@click.option("--cores", type=int, help="The new core cap (the chip's core count lifts it).")
+@click.pass_obj
+def vnpu_resize(mount: Path, name: str, memory: str | None, cores: int | None) -> None:
+    """Change a virtual NPU's quota or core cap; running sessions see it at once."""
+    words = " ".join(f"{k}={v}" for k, v in (("memory", memory), ("cores", cores)) if v is not None)
+    click.echo(_command(mount, f"vnpu resize {name} {words}"))
+
+
+@vnpu.command("destroy")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="End its open sessions (their processes get the device-lost error).")
+@click.pass_obj
+def vnpu_destroy(mount: Path, name: str, force: bool) -> None:
+    """Remove a virtual NPU and its device node; refused while sessions are open, unless --force."""
+    click.echo(_command(mount, f"vnpu destroy {name}" + (" force" if force else "")))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -259,6 +327,7 @@ def serve(kind: str, model: str, host: str, port: int, time_scale: float, max_nu
     processes) and stopping it all cleanly."""
     import trio
 
+    from tools import launch
     from workloads.model import model_config
     from workloads.server import Health
     from workloads.server import serve as serve_http
@@ -328,8 +397,6 @@ def _bench_command(name: str, what: str) -> None:
 for _name, _what in BENCHES.items():
     _bench_command(_name, _what)
 
-
-main.add_command(simulate.command, "simulate")
 
 if __name__ == "__main__":
     sys.exit(main())

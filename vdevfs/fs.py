@@ -3,6 +3,10 @@
 One open() of a device node is one session: frames come in by write(), replies go out by read(). Nodes are
 regular files opened with direct_io (no page cache, so every write and read reaches us, and big writes arrive
 as 1 MiB pieces at increasing offsets) and nonseekable (offsets mean nothing on a channel).
+
+Device nodes come and go with their virtual NPUs (`vdevctl vnpu`): a new node takes an inode never used before,
+so nothing the kernel cached of a removed one can alias it; a removed node's open files answer ENODEV, which
+the client reports as the device lost.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ STATUS_NAME = "status"
 CONTROL_NAME = "control"
 
 
+class Lost:
+    """An open file of a virtual NPU that was destroyed under it: every call is refused, until it is closed."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
 def fuse_handler(method):
     """Only FUSEError may leave a pyfuse3 handler (anything else unmounts the filesystem): translate the rest."""
 
@@ -68,13 +79,38 @@ class DeviceFS(pyfuse3.Operations):
         self.names: dict[bytes, int] = {STATUS_NAME.encode(): STATUS_INODE, CONTROL_NAME.encode(): CONTROL_INODE}
         self.names |= {n.encode(): FIRST_ANCILLARY_INODE + i for i, n in enumerate(ANCILLARY)}
         self.devices: dict[int, VirtualNPU] = {}
-        for i, vdev in enumerate(topology.virtual):
-            self.names[vdev.name.encode()] = FIRST_DEVICE_INODE + i
-            self.devices[FIRST_DEVICE_INODE + i] = vdev
-        self.open_files: dict[int, Channel | Control | bytes] = {}
+        self._next_inode = FIRST_DEVICE_INODE
+        for vdev in topology.virtual:
+            self.add_node(vdev)
+        self.open_files: dict[int, Channel | Control | Lost | bytes] = {}
+        self.on_change: Callable[[], None] = lambda: None  # virtual NPUs changed (the daemon keeps them)
         self.owner = os.getuid(), os.getgid()  # of the control node: who runs the daemon may command it
         self._next_fh = 1
         self.spawn: Callable | None = None  # set by the daemon once its nursery is open
+
+    # -- device nodes of virtual NPUs made and removed at run time (vdevfs/control.py's Nodes) ---------------
+
+    def add_node(self, vdev: VirtualNPU) -> None:
+        inode, self._next_inode = self._next_inode, self._next_inode + 1
+        self.names[vdev.name.encode()] = inode
+        self.devices[inode] = vdev
+
+    def remove_node(self, vdev: VirtualNPU) -> int:
+        ended = 0
+        for fh, content in self.open_files.items():
+            if isinstance(content, Channel) and getattr(content.handler, "vdev", None) is vdev:
+                self.tenants.release(content)
+                content.close()
+                self.open_files[fh] = Lost(vdev.name)
+                ended += 1
+        inode = self.names.pop(vdev.name.encode())
+        del self.devices[inode]
+        pyfuse3.invalidate_entry_async(ROOT, vdev.name.encode())  # the kernel may hold the name for a second
+        give_back_freed_memory()
+        return ended
+
+    def changed(self) -> None:
+        self.on_change()
 
     # -- metadata -----------------------------------------------------------------------------------------
 
@@ -139,7 +175,7 @@ class DeviceFS(pyfuse3.Operations):
         elif inode == CONTROL_INODE:
             if ctx.uid not in (0, self.owner[0]):  # the kernel checks the mode first; this holds without it too
                 raise pyfuse3.FUSEError(errno.EACCES)
-            content = Control(self.topology, log.bind(pid=ctx.pid, uid=ctx.uid))
+            content = Control(self.topology, log.bind(pid=ctx.pid, uid=ctx.uid), nodes=self)
         elif inode in self.devices:
             vdev = self.devices[inode]
             self.tenants.admit(ctx.uid, vdev.name)
@@ -160,6 +196,8 @@ class DeviceFS(pyfuse3.Operations):
     @fuse_handler
     async def write(self, fh, off, buf):
         channel = self.open_files.get(fh)
+        if isinstance(channel, Lost):
+            raise pyfuse3.FUSEError(errno.ENODEV)
         if isinstance(channel, Control):
             channel.write(buf)
         elif isinstance(channel, Channel):
@@ -177,6 +215,8 @@ class DeviceFS(pyfuse3.Operations):
             return await content.read(size)  # waits while this session's frame waits on the device
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if isinstance(content, Lost):
+            raise pyfuse3.FUSEError(errno.ENODEV)
         return content.read(size)
 
     @fuse_handler
@@ -200,9 +240,9 @@ class DeviceFS(pyfuse3.Operations):
 
     @fuse_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        """chmod and chown apply to device nodes, as on /dev, until the daemon restarts (the config is the
-        lasting source); the kernel has already checked the caller may (default_permissions). The other nodes
-        refuse them. O_TRUNC and new timestamps change nothing: there is nothing to truncate or date."""
+        """chmod and chown apply to device nodes, as on /dev, and are kept for the next start with the other
+        run-time changes (vdevfs/state.py); the kernel has already checked the caller may (default_permissions).
+        The other nodes refuse them. O_TRUNC and new timestamps change nothing: there is nothing to truncate or date."""
         if fields.update_mode or fields.update_uid or fields.update_gid:
             vdev = self.devices.get(inode)
             if vdev is None:
@@ -214,6 +254,7 @@ class DeviceFS(pyfuse3.Operations):
             if fields.update_gid:
                 vdev.gid = attr.st_gid
             log.info("node_changed", device=vdev.name, mode=oct(vdev.mode), uid=vdev.uid, gid=vdev.gid, by=ctx.uid)
+            self.changed()
         return self._attr(inode)
 
     def status_bytes(self, uid: int, gid: int) -> bytes:

@@ -71,6 +71,7 @@ class _Run:
 class _Cohort:
     run: _Run
     n: int  # blocks (one per core held)
+    placed: float  # modeled time its blocks took their cores
     remaining: float = 1.0  # fraction of one block's work still to do
     rate: float = 0.0  # fraction per modeled second at the current sharing
     due: float = 0.0
@@ -135,6 +136,9 @@ class BlockTiming:
         self.free[0] += run.needs[0] * cohort.n
         self.free[1] += run.needs[1] * cohort.n
         run.cohorts -= 1
+        cube, vector = run.needs
+        cores = cube * cohort.n if cube else vector * cohort.n * self.profile.ai_cores / self.profile.vector_cores
+        run.job.core_s += cores * (self.t - cohort.placed)
         if not run.pending and not run.cohorts:
             run.job.finished_at = self.t
             self.done.append(run.job)
@@ -160,7 +164,7 @@ class BlockTiming:
                 self.free[1] -= v * n
                 run.pending -= n
                 run.cohorts += 1
-                self.cohorts.append(_Cohort(run, n))
+                self.cohorts.append(_Cohort(run, n, self.t))
                 self._stale = True
             if run.pending:
                 blocked[0] |= bool(c)

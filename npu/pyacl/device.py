@@ -153,6 +153,9 @@ class PyaclNPU:
     def _finish(self, job: Job, failure: FlexNPUError | None = None) -> None:
         job.failure = failure
         job.finished_at = self.t
+        if not isinstance(job.task, HostToDevice | DeviceToHost):
+            # The vendor runtime does not say which cores a kernel's blocks held: its core limit is the bound.
+            job.core_s = job.cube_limit * (job.finished_at - job.started_at)
         self.done.append(job)
 
     def next_event(self) -> float | None:

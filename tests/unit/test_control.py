@@ -78,8 +78,11 @@ def test_a_switch_makes_the_policy_with_its_configured_options_and_status_shows_
     [
         ("policy npu9 flex", "error: npu9: no such physical NPU (have npu0, npu1; see vdevctl policy)"),
         ("policy npu0 rr", "error: rr: no such policy (have fifo, static, flex)"),
-        ("policies npu0 flex", "error: policies: unknown command (commands: policy <npu> <name>)"),
-        ("", "error: empty command (commands: policy <npu> <name>)"),
+        (
+            "policies npu0 flex",
+            "error: policies: unknown command (commands: policy <npu> <name>, vnpu create|resize|destroy ...)",
+        ),
+        ("", "error: empty command (commands: policy <npu> <name>, vnpu create|resize|destroy ...)"),
         ("policy npu0", "error: usage: policy <npu> <name>"),
         ("policy npu0 flex now", "error: usage: policy <npu> <name>"),
         (
@@ -188,7 +191,11 @@ def test_an_unread_reply_is_replaced_by_the_next(control):
             b"error: one command per write (read its reply, then write the next)",
         ),
         (b"policy npu0 " + b"x" * MAX_COMMAND, b"error: a command is one line of at most 1024 bytes (got 1036)"),
-        (b"\xff\xfe npu0 flex", b"error: \xef\xbf\xbd\xef\xbf\xbd: unknown command (commands: policy <npu> <name>)"),
+        (
+            b"\xff\xfe npu0 flex",
+            b"error: \xef\xbf\xbd\xef\xbf\xbd: unknown command "
+            b"(commands: policy <npu> <name>, vnpu create|resize|destroy ...)",
+        ),
     ],
     ids=["two-lines", "too-long", "not-utf8"],
 )

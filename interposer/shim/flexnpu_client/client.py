@@ -116,6 +116,12 @@ class FileTransport:
                 "(`vdevfsd mount`) and set the device again",
                 AclError.RT_SOCKET_CLOSE,
             )
+        if exc.errno == errno.ENODEV:  # vdevfs/fs.py: its virtual NPU was destroyed under the session
+            return AclCallError(
+                f"{self.path}: this virtual NPU was destroyed by the operator (vdevctl vnpu destroy --force): the "
+                "device was lost, with its memory, streams and queued work; set another device",
+                AclError.RT_SOCKET_CLOSE,
+            )
         return AclCallError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
 
     def close(self) -> None:
