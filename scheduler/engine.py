@@ -27,6 +27,7 @@ from scheduler.stream import (
     Stream,
     TaskEntry,
     WaitEntry,
+    ceiling,
 )
 
 log = structlog.get_logger()
@@ -196,10 +197,8 @@ class Engine:
             entry, stream = d.entry, d.entry.stream
             assert entry.task is not None
             # The limits its client and its virtual NPU set are ceilings no policy lifts.
-            holder, cap = entry.limits or stream, stream.tenant.cores or profile.ai_cores
-            cube = min(d.cube, holder.cube_limit or profile.ai_cores, cap)
-            vector_cap = cap * profile.vector_cores // profile.ai_cores
-            vector = min(d.vector, holder.vector_limit or profile.vector_cores, vector_cap)
+            most_cube, most_vector = ceiling(entry, profile)
+            cube, vector = min(d.cube, most_cube), min(d.vector, most_vector)
             entry.job = Job(entry.task, cube, vector, owner=entry)
             stream.running = entry
             self.running.append(entry)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from npu.profiles import ChipProfile
-from scheduler.stream import Phase, Stream, TaskEntry
+from scheduler.stream import Phase, Stream, TaskEntry, ceiling
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +72,11 @@ class Cores:
 
     def claim(self, entry: TaskEntry, cube: int, vector: int, cap: tuple[int, int]) -> bool:
         """If `entry`, launched with these limits, has every block on a free core at once, its side staying within
-        `cap` (cube, vector): count its blocks as held and say yes. A copy holds no core: always yes."""
+        `cap` (cube, vector): count its blocks as held and say yes. A copy holds no core: always yes. Its blocks
+        are counted as the engine will launch them: within its client's limits and its virtual NPU's cap."""
         cost = entry.task.cost()
-        blocks = cost.block_dim(cube, vector)
+        most_cube, most_vector = ceiling(entry, self.chip)
+        blocks = cost.block_dim(min(cube, most_cube), min(vector, most_vector))
         if not blocks:
             return True
         need_c, need_v = cost.needs

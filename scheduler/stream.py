@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from npu.errors import FlexNPUError
 from npu.executor import Job
+from npu.profiles import ChipProfile
 from npu.tasks import Task
 
 
@@ -98,6 +99,16 @@ class TaskEntry(Entry):
     phase: Phase = Phase.UNKNOWN  # its stream's phase when it was queued: what policies plan with
     limits: Stream | None = None  # the stream whose core limits apply, if not its own (a thread's res stream)
     job: Job | None = None  # once handed to the chip: its core limits, start and finish times
+
+
+def ceiling(entry: TaskEntry, chip: ChipProfile) -> tuple[int, int]:
+    """The most (cube, vector) cores `entry` may launch on whatever a policy decides: its client's core limits and
+    its virtual NPU's cap (vector cores in the chip's proportion)."""
+    holder, cap = entry.limits or entry.stream, entry.stream.tenant.cores or chip.ai_cores
+    return (
+        min(holder.cube_limit or chip.ai_cores, cap),
+        min(holder.vector_limit or chip.vector_cores, cap * chip.vector_cores // chip.ai_cores),
+    )
 
 
 @dataclass(eq=False, slots=True)

@@ -383,6 +383,7 @@ BENCHES = {
     "serve": "LLM serving: decode overhead through the daemon vs direct; deployments under load over HTTP.",
     "chaos": "Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse.",
     "pd": "Prefill/decode co-location: fifo, static and flex vs static disaggregation, simulated and live.",
+    "caps": "Compute isolation: a 6-core virtual NPU vs the whole chip, and 6- and 18-core tenants sharing one.",
 }
 
 
