@@ -5,6 +5,8 @@
     policy = "fifo"           # scheduling policy of every physical NPU that names none: fifo | static | flex
     session_buffer = "160MiB" # unread replies + unfinished frames one session may leave in the daemon
     daemon_buffer = "512MiB"  # the same for all sessions together (device-memory quotas do not see these)
+    metrics = "127.0.0.1:9400" # serve Prometheus metrics at http://HOST:PORT/metrics ("[::1]:9400" for IPv6,
+                              # ":9400" every interface; default: none; `vdevfsd mount --metrics` overrides it)
 
     [[physical]]
     name = "npu0"
@@ -22,6 +24,7 @@
     role = "any"              # any | prefill | decode
     owner = "0:0"             # uid:gid of the device node
     mode = "0666"             # permission bits of the device node
+    cores = 6                 # every kernel of it runs on at most this many AI cores (default: the whole chip)
 
     [policy.static]           # options of a policy, wherever it runs (from the start or after a switch)
     prefill_cores = 12        # AI cores of the prefill partition (default: half the chip); decode gets the rest
@@ -44,8 +47,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interposer.ipc import IpcRegistry
-from interposer.topology import PhysicalUnit, Topology, VirtualNPU
+from interposer.topology import PhysicalUnit, Topology
 from npu.emulated.device import MODES, EmulatedNPU
 from npu.executor import Executor
 from npu.profiles import PROFILES, profile
@@ -63,7 +65,8 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "
 
 class ConfigError(Exception):
     def __init__(self, key: str, value: object, why: str) -> None:
-        super().__init__(f"config: {key} = {value!r}: {why}")
+        self.detail = f"{key} = {value!r}: {why}"
+        super().__init__(f"config: {self.detail}")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class VirtualSpec:
     uid: int = 0
     gid: int = 0
     mode: int = 0o666
+    cores: int | None = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Config:
     policy_options: dict[str, dict] = field(default_factory=dict)  # [policy.<name>] tables, checked
     session_buffer: int = 160 << 20  # two 64 MiB copy records (the runtime's chunk) and room to spare
     daemon_buffer: int = 512 << 20
+    metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None: not served
     source: str = field(default="built-in default")
 
 
@@ -126,7 +131,7 @@ def parse(raw: dict) -> Config:
     daemon = raw.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon", daemon, "must be a table ([daemon])")
-    _only(daemon, "daemon.", {"time_scale", "policy", "session_buffer", "daemon_buffer"})
+    _only(daemon, "daemon.", {"time_scale", "policy", "session_buffer", "daemon_buffer", "metrics"})
     time_scale = daemon.get("time_scale", 1.0)
     if (
         not isinstance(time_scale, int | float)
@@ -152,13 +157,33 @@ def parse(raw: dict) -> Config:
     if not physical:
         raise ConfigError("physical", [], "at least one [[physical]] NPU is needed")
     _unique("physical", [p.name for p in physical])
-    virtual = [_virtual(i, v, {p.name for p in physical}) for i, v in enumerate(_tables(raw, "virtual"))]
+    names = {p.name for p in physical}
+    virtual = [virtual_spec(v, names, f"virtual[{i}].") for i, v in enumerate(_tables(raw, "virtual"))]
     if not virtual:
         raise ConfigError("virtual", [], "at least one [[virtual]] NPU is needed")
     _unique("virtual", [v.name for v in virtual])
+    try:
+        metrics = address(daemon["metrics"]) if "metrics" in daemon else None
+    except ValueError as exc:
+        raise ConfigError("daemon.metrics", daemon["metrics"], str(exc)) from None
     config = Config(physical, virtual, float(time_scale), policy, policy_options, session_buffer, daemon_buffer)
+    config.metrics = metrics
     _check_quotas(config)
     return config
+
+
+def address(value: object) -> tuple[str, int]:
+    """A listening address, "HOST:PORT" -> (host, port): an IPv6 host in brackets, an empty host for every
+    interface, port 0 for any free one. ValueError saying what is wrong. Only the form is checked here: whether
+    the daemon can listen there is known when it binds."""
+    host, colon, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT with a port 0-65535, such as 127.0.0.1:9400 or [::1]:9400")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 host goes in brackets, such as [::1]:9400")
+    return host, int(port)
 
 
 def build(config: Config, driver: str = "trio") -> Topology:
@@ -170,12 +195,16 @@ def build(config: Config, driver: str = "trio") -> Topology:
         policy = make_policy(spec.policy, **config.policy_options.get(spec.policy, {}))
         runner = runner_cls(Engine(npu, policy), make_clock(config.time_scale))
         units[spec.name] = PhysicalUnit(spec.name, npu, runner, spec.policy)
-    virtual, ipc = [], IpcRegistry()  # IPC memory keys are the daemon's: any of its processes may import one
-    for index, spec in enumerate(config.virtual):
+    topology = Topology(list(units.values()), [], config.time_scale, config.policy_options)
+    for i, spec in enumerate(config.virtual):
         unit = units[spec.physical]
         quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
-        virtual.append(VirtualNPU(index, spec.name, unit, quota, spec.role, spec.uid, spec.gid, spec.mode, ipc=ipc))
-    return Topology(list(units.values()), virtual, config.time_scale, config.policy_options)
+        node = {"uid": spec.uid, "gid": spec.gid, "mode": spec.mode, "cores": spec.cores}
+        try:
+            topology.add(spec.name, spec.physical, quota, spec.role, **node)
+        except ValueError as exc:
+            raise ConfigError(f"virtual[{i}]", spec.name, str(exc)) from None
+    return topology
 
 
 def _executor(spec: PhysicalSpec) -> Executor:
@@ -272,9 +301,10 @@ def _policy_options(tables: object) -> dict[str, dict]:
     return tables
 
 
-def _virtual(i: int, table: dict, physical: set[str]) -> VirtualSpec:
-    where = f"virtual[{i}]."
-    _only(table, where, {"name", "physical", "memory", "role", "owner", "mode"})
+def virtual_spec(table: dict, physical: set[str], where: str = "") -> VirtualSpec:
+    """A [[virtual]] table (from the config, the state file, or a `vnpu create` command), checked; `where`
+    prefixes its keys in errors."""
+    _only(table, where, {"name", "physical", "memory", "role", "owner", "mode", "cores"})
     name = _str(table, "name", where)
     if not DEVICE_NAME.fullmatch(name):
         raise ConfigError(where + "name", name, "must be davinci<N>, the name a container expects")
@@ -293,7 +323,14 @@ def _virtual(i: int, table: dict, physical: set[str]) -> VirtualSpec:
         uid=uid,
         gid=gid,
         mode=_mode(where + "mode", table.get("mode", "0666")),
+        cores=_cores(where + "cores", table.get("cores")),
     )
+
+
+def _cores(key: str, value: object) -> int | None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise ConfigError(key, value, "must be a number of AI cores >= 1 (at most the chip's)")
+    return value
 
 
 def _policy_option(key: str, value: object, hint: object) -> None:

@@ -6,12 +6,17 @@ import sys
 from pathlib import Path
 
 import click
+import structlog
 import trio
 
 from interposer import config as configuration
 from interposer import logs
+from vdevfs import state
 from vdevfs.daemon import MountError, serve, unmount
 from vdevfs.limits import BufferLimits
+from vdevfs.metrics import MetricsError
+
+log = structlog.get_logger()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,20 +27,43 @@ def main(log_level: str, log_json: bool | None) -> None:
     logs.configure(log_level, json=log_json)
 
 
+def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
+    try:
+        return None if value is None else configuration.address(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}") from None
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML topology (default: built in).")
-def mount(mountpoint: Path, config_path: Path | None) -> None:
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    callback=_address,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: [daemon] metrics of the config; none).",
+)
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where run-time changes to virtual NPUs are kept (default: beside the config; see vdevfs/state.py).",
+)
+def mount(mountpoint: Path, config_path: Path | None, metrics: tuple[str, int] | None, state_path: Path | None) -> None:
     """Mount the device files at MOUNTPOINT and serve them until SIGINT/SIGTERM."""
+    state_path = state_path or state.default_path(config_path, mountpoint)
     try:
         cfg = configuration.load(config_path)
+        if state.load(state_path, cfg):
+            log.info("state_loaded", state=str(state_path), virtual=[v.name for v in cfg.virtual])
         topology = configuration.build(cfg)
     except configuration.ConfigError as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)
+    limits = BufferLimits(cfg.session_buffer, cfg.daemon_buffer)
     try:
-        trio.run(serve, topology, mountpoint, cfg.source, BufferLimits(cfg.session_buffer, cfg.daemon_buffer))
-    except MountError as exc:
+        trio.run(serve, topology, mountpoint, cfg.source, limits, metrics or cfg.metrics, state_path)
+    except (MountError, MetricsError) as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import structlog
 import trio
 
 from interposer.topology import Topology
+from vdevfs import metrics, state
 from vdevfs.channel import Channel
 from vdevfs.fs import STATUS_NAME, DeviceFS
 from vdevfs.limits import BufferLimits, keep_pieces_in_the_heap
@@ -74,11 +76,23 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
-async def serve(topology: Topology, mountpoint: Path, config_source: str, limits: BufferLimits) -> None:
+async def serve(
+    topology: Topology,
+    mountpoint: Path,
+    config_source: str,
+    limits: BufferLimits,
+    metrics_address: tuple[str, int] | None = None,
+    state_path: Path | None = None,
+) -> None:
+    """Serve until a signal; MountError or metrics.MetricsError (a bad `metrics_address`) before mounting.
+    Run-time changes to virtual NPUs are written to `state_path` (vdevfs/state.py)."""
+    listener = metrics.listen(metrics_address) if metrics_address else None
     prepare_mountpoint(mountpoint)
     keep_pieces_in_the_heap()
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
     fs = DeviceFS(topology, info, limits)
+    if state_path is not None:
+        fs.on_change = functools.partial(_keep_state, state_path, topology)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
     try:
         pyfuse3.init(fs, str(mountpoint), options)
@@ -100,6 +114,8 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str, limits
             for unit in topology.physical:
                 nursery.start_soon(unit.runner.run)
             nursery.start_soon(_terminate_on_signal)
+            if listener is not None:
+                nursery.start_soon(metrics.serve, topology, listener)
             await pyfuse3.main(max_tasks=FUSE_WORKERS)
             nursery.cancel_scope.cancel()
     finally:
@@ -108,6 +124,13 @@ async def serve(topology: Topology, mountpoint: Path, config_source: str, limits
                 channel.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted", mountpoint=str(mountpoint))
+
+
+def _keep_state(path: Path, topology: Topology) -> None:
+    try:
+        state.save(path, topology)
+    except OSError as exc:  # the change stands; only the next start will not know it
+        log.error("state_not_saved", state=str(path), error=exc.strerror)
 
 
 async def _terminate_on_signal() -> None:
