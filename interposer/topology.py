@@ -137,7 +137,8 @@ class Topology:
                     "cores": p.cores(),
                     "busy_core_seconds": {phase.value: s for phase, s in p.runner.engine.core_s.items()},
                     "up": True,  # one process serves every physical NPU: it is up while the status answers
-                    "modeled_time_s": p.runner.engine.t,
+                    # the chip's clock now, idle or not: rates over a window of it (vdevctl top) count idle time
+                    "modeled_time_s": max(p.runner.engine.t, p.runner.now()),
                 }
                 for p in self.physical
             ],
