@@ -45,7 +45,7 @@ from npu.emulated.timing import alone
 from npu.profiles import ChipProfile
 from npu.tasks import Cost, Unit
 from scheduler.policy import Cores, Dispatch, Quiet
-from scheduler.stream import Phase, Stream, TaskEntry
+from scheduler.stream import Phase, Stream, TaskEntry, ceiling
 
 ARRIVAL = operator.attrgetter("arrival")
 MIN_DECODE = 1  # AI cores decode always keeps while active
@@ -169,9 +169,12 @@ class Flex(Quiet):
         """A step begins: the fewest cores that make its queued kernels meet the goal, as far as known. A step of
         copies alone (a decode engine reading its sampled tokens back on another stream) needs no core and leaves
         the reserve to the steps that do."""
-        costs = Counter(e.task.cost() for e in stream.queue if isinstance(e, TaskEntry))  # layers repeat kernels
+        kernels = [e for e in stream.queue if isinstance(e, TaskEntry)]
+        costs = Counter(e.task.cost() for e in kernels)  # layers repeat kernels
         if all(cost.unit is Unit.DMA for cost in costs):
             return  # unsized: the next ready head tries again
+        # A capped tenant's step runs on its cap however many cores are reserved: reserve no more than that.
+        most = max(MIN_DECODE, ceiling(kernels[0], chip)[0])
         rows = [(n, cost, self._times(chip, cost)) for cost, n in costs.items()]
         ratio = chip.vector_cores // chip.ai_cores
 
@@ -186,8 +189,8 @@ class Flex(Quiet):
 
         goal = self.target
         if self.isolated_pct:
-            goal = min(goal, predict(chip.ai_cores) * (1 + self.isolated_pct / 100))
-        low, high = MIN_DECODE, self.ai_cores - MIN_PREFILL
+            goal = min(goal, predict(most) * (1 + self.isolated_pct / 100))
+        low, high = MIN_DECODE, min(self.ai_cores - MIN_PREFILL, most)
         while low < high:  # the prediction only falls as cores grow
             mid = (low + high) // 2
             if predict(mid) * self.slowdown <= goal:

@@ -9,6 +9,8 @@ import pytest
 from scheduler.policies import make_policy
 from scheduler.stream import Phase, Tenant
 from tests.unit.test_engine import PREFILL_MM, Rig, approx
+from tests.unit.test_policies import PREFILL, TARGET, WIDE
+from tests.unit.test_policies import Rig as PolicyRig
 
 
 def run_alone(cores: int | None) -> tuple[float, Tenant]:
@@ -64,3 +66,25 @@ def test_a_new_cap_applies_from_the_next_kernel():
     second = rig.task(stream, PREFILL_MM, now=1e-6)
     rig.engine.advance(10.0)
     assert (first.job.blocks, second.job.blocks) == (24, 4)
+
+
+def test_flex_reserves_no_more_for_a_capped_decode_tenant_than_its_cap():
+    """flex sizes decode's reserve from the step's predicted time: a decode tenant capped at 4 cores runs its step
+    on 4 however many are reserved, so reserving more only idles cores prefill could use (found in review: the
+    reserve climbed to 22 and prefill finished 5x less)."""
+    done = {}
+    for cap in (None, 4):
+        rig = PolicyRig("flex", tpot_target_ms=TARGET * 1e3)
+        prefill, decode = rig.stream(Phase.PREFILL), rig.stream(Phase.DECODE)
+        decode.tenant = Tenant(cores=cap)
+        t = 0.0
+        for _ in range(40):
+            for _ in range(3):
+                rig.engine.submit(rig.entry(prefill, PREFILL), t)
+            rig.burst(decode, WIDE, 6, t)
+            rig.step_to(t + 2e-3)
+            t += 2e-3
+        done[cap] = prefill.completed
+        if cap is not None:
+            assert rig.policy.reserve <= cap
+    assert done[4] > done[None]  # the cores decode cannot use go to prefill
