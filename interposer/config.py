@@ -58,7 +58,7 @@ from scheduler.runner import Runner, SyncRunner, TrioRunner
 from scheduler.stream import Phase
 
 BACKENDS = ("emulated", "pyacl")
-DEVICE_NAME = re.compile(r"davinci[0-9]+")
+DEVICE_NAME = re.compile(r"davinci(0|[1-9][0-9]{0,3})")  # a device id names it: no leading zeros
 ROLES = {"any": Phase.UNKNOWN, "prefill": Phase.PREFILL, "decode": Phase.DECODE}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 

@@ -52,17 +52,22 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 def mount(mountpoint: Path, config_path: Path | None, metrics: tuple[str, int] | None, state_path: Path | None) -> None:
     """Mount the device files at MOUNTPOINT and serve them until SIGINT/SIGTERM."""
     state_path = state_path or state.default_path(config_path, mountpoint)
+    loaded = False
     try:
         cfg = configuration.load(config_path)
-        if state.load(state_path, cfg):
+        keeper = state.Keeper(state_path, state.fingerprint(cfg))
+        loaded = state.load(state_path, cfg)
+        if loaded:
             log.info("state_loaded", state=str(state_path), virtual=[v.name for v in cfg.virtual])
         topology = configuration.build(cfg)
     except configuration.ConfigError as exc:
+        if loaded:  # the state's virtual NPUs, checked one by one, do not fit together or on the chips
+            exc = configuration.ConfigError("state", str(state_path), f"{exc.detail}; delete it to start afresh")
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)
     limits = BufferLimits(cfg.session_buffer, cfg.daemon_buffer)
     try:
-        trio.run(serve, topology, mountpoint, cfg.source, limits, metrics or cfg.metrics, state_path)
+        trio.run(serve, topology, mountpoint, cfg.source, limits, metrics or cfg.metrics, keeper)
     except (MountError, MetricsError) as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)

@@ -41,12 +41,14 @@ class Nodes(Protocol):
 
     def add_node(self, vdev: VirtualNPU) -> None: ...
 
-    def remove_node(self, vdev: VirtualNPU) -> int:
-        """End its sessions (device lost) and remove its file; how many sessions were ended."""
+    def end_sessions(self, vdev: VirtualNPU) -> int:
+        """End its sessions (their processes get the device-lost error); how many."""
         ...
 
-    def changed(self) -> None:
-        """Virtual NPUs changed: keep them for the next start."""
+    def remove_node(self, vdev: VirtualNPU) -> None: ...
+
+    def changed(self) -> str | None:
+        """Virtual NPUs changed: keep them for the next start; why they could not be kept, if so."""
         ...
 
 
@@ -128,9 +130,8 @@ def _create(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> str
     node = {"uid": spec.uid, "gid": spec.gid, "mode": spec.mode, "cores": spec.cores}
     vdev = topology.add(spec.name, spec.physical, spec.memory, spec.role, **node)
     nodes.add_node(vdev)
-    nodes.changed()
     log.info("vnpu_created", vnpu=vdev.name, physical=spec.physical, memory=spec.memory, cores=spec.cores)
-    return f"ok: {vdev.name}"
+    return _kept(f"ok: {vdev.name}", nodes)
 
 
 def _resize(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> str:
@@ -143,10 +144,9 @@ def _resize(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> str
     spec = config.virtual_spec({"name": vdev.name, "physical": vdev.physical.name, **fields}, {vdev.physical.name})
     was = {"memory": vdev.quota, "cores": vdev.cores}
     vdev.resize(spec.memory, spec.cores)
-    nodes.changed()
     log.info("vnpu_resized", vnpu=vdev.name, memory=vdev.quota, cores=vdev.cores, was=was)
     cores = vdev.cores or vdev.physical.npu.profile.ai_cores
-    return f"ok: {vdev.name} memory {vdev.quota} cores {cores}"
+    return _kept(f"ok: {vdev.name} memory {vdev.quota} cores {cores}", nodes)
 
 
 def _destroy(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> str:
@@ -158,11 +158,21 @@ def _destroy(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> st
             f"{vdev.name}: {len(vdev.sessions)} session(s) open; close them, or add `force` to end them "
             "(their processes get the device-lost error)"
         )
-    ended = nodes.remove_node(vdev)
+    ended = nodes.end_sessions(vdev)
+    if vdev.used:  # IPC memory it exported, still mapped by other virtual NPUs' sessions: it keeps paying
+        return (
+            f"error: {vdev.name}: {vdev.used} bytes it exported are still mapped by other virtual NPUs' sessions "
+            f"(IPC); destroy it once they let go" + (f" ({ended} session(s) ended)" if ended else "")
+        )
+    nodes.remove_node(vdev)
     topology.remove(vdev)
-    nodes.changed()
     log.info("vnpu_destroyed", vnpu=vdev.name, sessions_ended=ended)
-    return f"ok: {vdev.name} destroyed" + (f" ({ended} session(s) ended)" if ended else "")
+    return _kept(f"ok: {vdev.name} destroyed" + (f" ({ended} session(s) ended)" if ended else ""), nodes)
+
+
+def _kept(reply: str, nodes: Nodes) -> str:
+    why = nodes.changed()
+    return reply if why is None else f"{reply} (not kept for the next start: {why}; see the daemon's log)"
 
 
 class Control:

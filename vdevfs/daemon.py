@@ -82,17 +82,17 @@ async def serve(
     config_source: str,
     limits: BufferLimits,
     metrics_address: tuple[str, int] | None = None,
-    state_path: Path | None = None,
+    keeper: state.Keeper | None = None,
 ) -> None:
     """Serve until a signal; MountError or metrics.MetricsError (a bad `metrics_address`) before mounting.
-    Run-time changes to virtual NPUs are written to `state_path` (vdevfs/state.py)."""
+    Run-time changes to virtual NPUs are kept by `keeper` (vdevfs/state.py)."""
     listener = metrics.listen(metrics_address) if metrics_address else None
     prepare_mountpoint(mountpoint)
     keep_pieces_in_the_heap()
     info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
     fs = DeviceFS(topology, info, limits)
-    if state_path is not None:
-        fs.on_change = functools.partial(_keep_state, state_path, topology)
+    if keeper is not None:
+        fs.on_change = functools.partial(keeper.save, topology)
     options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
     try:
         pyfuse3.init(fs, str(mountpoint), options)
@@ -124,13 +124,6 @@ async def serve(
                 channel.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted", mountpoint=str(mountpoint))
-
-
-def _keep_state(path: Path, topology: Topology) -> None:
-    try:
-        state.save(path, topology)
-    except OSError as exc:  # the change stands; only the next start will not know it
-        log.error("state_not_saved", state=str(path), error=exc.strerror)
 
 
 async def _terminate_on_signal() -> None:

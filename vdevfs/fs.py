@@ -83,7 +83,8 @@ class DeviceFS(pyfuse3.Operations):
         for vdev in topology.virtual:
             self.add_node(vdev)
         self.open_files: dict[int, Channel | Control | Lost | bytes] = {}
-        self.on_change: Callable[[], None] = lambda: None  # virtual NPUs changed (the daemon keeps them)
+        # Virtual NPUs changed: the daemon keeps them for the next start; why it could not, if it could not.
+        self.on_change: Callable[[], str | None] = lambda: None
         self.owner = os.getuid(), os.getgid()  # of the control node: who runs the daemon may command it
         self._next_fh = 1
         self.spawn: Callable | None = None  # set by the daemon once its nursery is open
@@ -95,7 +96,7 @@ class DeviceFS(pyfuse3.Operations):
         self.names[vdev.name.encode()] = inode
         self.devices[inode] = vdev
 
-    def remove_node(self, vdev: VirtualNPU) -> int:
+    def end_sessions(self, vdev: VirtualNPU) -> int:
         ended = 0
         for fh, content in self.open_files.items():
             if isinstance(content, Channel) and getattr(content.handler, "vdev", None) is vdev:
@@ -103,14 +104,16 @@ class DeviceFS(pyfuse3.Operations):
                 content.close()
                 self.open_files[fh] = Lost(vdev.name)
                 ended += 1
-        inode = self.names.pop(vdev.name.encode())
-        del self.devices[inode]
-        pyfuse3.invalidate_entry_async(ROOT, vdev.name.encode())  # the kernel may hold the name for a second
         give_back_freed_memory()
         return ended
 
-    def changed(self) -> None:
-        self.on_change()
+    def remove_node(self, vdev: VirtualNPU) -> None:
+        inode = self.names.pop(vdev.name.encode())
+        del self.devices[inode]
+        pyfuse3.invalidate_entry_async(ROOT, vdev.name.encode())  # the kernel may hold the name for a second
+
+    def changed(self) -> str | None:
+        return self.on_change()
 
     # -- metadata -----------------------------------------------------------------------------------------
 
@@ -212,7 +215,10 @@ class DeviceFS(pyfuse3.Operations):
         if isinstance(content, bytes):
             return content[off : off + size]
         if isinstance(content, Channel):
-            return await content.read(size)  # waits while this session's frame waits on the device
+            data = await content.read(size)  # waits while this session's frame waits on the device
+            if not data and isinstance(self.open_files.get(fh), Lost):  # destroyed under the wait
+                raise pyfuse3.FUSEError(errno.ENODEV)
+            return data
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if isinstance(content, Lost):

@@ -117,19 +117,24 @@ def test_run_time_changes_and_chmod_survive_a_restart(work):
         ok(mount, "vnpu", "create", "--physical", "npu0", "--memory", "8MiB", "--cores", "4", "--name", "davinci5")
         ok(mount, "vnpu", "resize", "davinci0", "--memory", "16MiB")
         os.chmod(mount / "davinci0", 0o600)
-    state = tmp / "vnpu.state.json"
-    assert state.exists()
+    (state,) = tmp.glob("vnpu.*mnt.state.json")  # named for the config and the mount point
     with launch.daemon(mount, config, tmp / "daemon2.log"):
         virtual = {v["name"]: v for v in json.loads(ok(mount, "ls", "--json"))["virtual"]}
         assert (virtual["davinci0"]["memory_quota"], virtual["davinci0"]["cores"]) == (16 * MiB, None)
         assert (virtual["davinci5"]["memory_quota"], virtual["davinci5"]["cores"]) == (8 * MiB, 4)
         assert (mount / "davinci0").stat().st_mode & 0o777 == 0o600
-    state.write_text('{"version": 1, "virtual": [{"name": "davinci0", "physical": "npu7"}]}')
-    result = subprocess.run(
-        [sys.executable, "-m", "vdevfs.cli", "mount", str(mount), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "npu7" in result.stderr and str(state) in result.stderr and "delete it" in result.stderr
+
+    def refused_start(why: str) -> None:
+        args = [sys.executable, "-m", "vdevfs.cli", "mount", str(mount), "--config", str(config)]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert why in result.stderr and str(state) in result.stderr and "delete it" in result.stderr, result.stderr
+
+    kept = json.loads(state.read_text())
+    state.write_text(json.dumps(kept | {"virtual": [{"name": "davinci0", "physical": "npu7"}]}))
+    refused_start("npu7")
+    state.write_text(json.dumps(kept | {"virtual": [kept["virtual"][0], kept["virtual"][0]]}))
+    refused_start("davinci0: a virtual NPU of that name exists")
+    config.write_text(CONFIG.replace('"64MiB"', '"32MiB"'))  # the operator edits the config: never ignored silently
+    state.write_text(json.dumps(kept))
+    refused_start("the config's [[virtual]] NPUs changed since this state was written")

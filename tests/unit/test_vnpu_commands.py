@@ -23,12 +23,15 @@ class Nodes:
     def add_node(self, vdev) -> None:
         self.added.append(vdev.name)
 
-    def remove_node(self, vdev) -> int:
-        self.removed.append(vdev.name)
+    def end_sessions(self, vdev) -> int:
         return len(vdev.sessions)
 
-    def changed(self) -> None:
+    def remove_node(self, vdev) -> None:
+        self.removed.append(vdev.name)
+
+    def changed(self) -> str | None:
         self.changes += 1
+        return None
 
 
 @pytest.fixture
@@ -146,6 +149,24 @@ def test_destroy_is_refused_while_sessions_are_open_unless_forced(topology, node
     assert vdev not in topology.virtual and nodes.removed == ["davinci0"]
     assert vnpu(topology, nodes, "create physical=npu0 memory=1GiB") == "ok: davinci0"  # name and index free again
     assert named(topology, "davinci0").index == 0
+
+
+def test_destroy_is_refused_while_memory_it_exported_is_still_mapped_elsewhere(topology, nodes):
+    vdev = named(topology, "davinci0")
+    vdev.used = 8 << 20  # its sessions are gone; an IPC import on another virtual NPU keeps it paying
+    assert vnpu(topology, nodes, "destroy davinci0 force") == (
+        "error: davinci0: 8388608 bytes it exported are still mapped by other virtual NPUs' sessions (IPC); "
+        "destroy it once they let go"
+    )
+    assert vdev in topology.virtual and nodes.removed == []
+
+
+def test_a_change_that_could_not_be_kept_says_so(topology, nodes):
+    nodes.changed = lambda: "/proc/x.state.json: No such file or directory"
+    assert vnpu(topology, nodes, "resize davinci0 cores=4") == (
+        f"ok: davinci0 memory {named(topology, 'davinci0').quota} cores 4 (not kept for the next start: "
+        "/proc/x.state.json: No such file or directory; see the daemon's log)"
+    )
 
 
 def test_vnpu_commands_need_the_filesystem(topology):
