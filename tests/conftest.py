@@ -109,3 +109,24 @@ def acl_popen(mount: Path, program: str, *args: str, run_opts: tuple = ()) -> su
         text=True,
         cwd=ROOT,
     )
+
+
+def in_namespace(script: str, env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """Run `sh -c script` in a private mount namespace (a container's view, without a container runtime); its
+    first stdout line, JSON, is what the program inside reports once ready. Skips where the sandbox cannot make
+    mount namespaces."""
+    container = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = container.stdout.readline()
+    if not line:
+        err = container.communicate()[1]
+        if "Operation not permitted" in err or "cannot" in err:
+            pytest.skip(f"this sandbox cannot make mount namespaces: {err.strip()}")
+        pytest.fail(err)
+    return container, json.loads(line)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import requires_mount
+from tests.conftest import in_namespace, requires_mount
 from tools import cdi
 
 pytestmark = requires_mount
@@ -129,29 +129,8 @@ def test_a_container_given_the_spec_devices_uses_them(daemon, spec, tmp_path, re
     everything = [v["name"] for v in daemon.status()["virtual"]]
     expected = sorted(everything if requested == ["all"] else requested)
     env, mounts = runtime_edits(spec, requested)
-    container = subprocess.Popen(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            container_script(tmp_path / "root", env, mounts),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = container.stdout.readline()
-    if not line:
-        err = container.communicate()[1]
-        if "Operation not permitted" in err or "cannot" in err:
-            pytest.skip(f"this sandbox cannot make mount namespaces: {err.strip()}")
-        pytest.fail(err)
+    container, info = in_namespace(container_script(tmp_path / "root", env, mounts))
     try:
-        info = json.loads(line)
         assert info["devices"] == len(expected)
         assert info["acl"] == f"{cdi.SHIM_IN_CONTAINER}/acl/__init__.py"
         assert [n for n in info["dev"] if n.startswith("davinci") and n[7:].isdigit()] == expected

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from npu.errors import AclError
-from tests.conftest import PROGRAMS, ROOT, acl_popen, acl_program, requires_mount, vdevctl
+from tests.conftest import PROGRAMS, ROOT, acl_popen, acl_program, in_namespace, requires_mount, vdevctl
 from tools.vdevctl import SHIM_PATH
 
 pytestmark = requires_mount
@@ -122,21 +122,7 @@ def test_container_sees_its_bound_node_as_device_0(daemon, tmp_path, launcher):
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXNPU")}
-    container = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = container.stdout.readline()
-    if not line:
-        err = container.communicate()[1]
-        if "Operation not permitted" in err or "cannot" in err:
-            pytest.skip(f"this sandbox cannot make mount namespaces: {err.strip()}")
-        pytest.fail(err)
-    info = json.loads(line)
+    container, info = in_namespace(script, env)
     try:
         assert info["devices"] == 1
         assert [s["pid"] for s in daemon.vdev("davinci2")["sessions"]] == [info["pid"]]

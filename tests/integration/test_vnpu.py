@@ -15,20 +15,7 @@ from tests.conftest import PROGRAMS, ROOT, VDEVCTL, acl_program, requires_mount,
 from tools import launch
 
 MiB = 1 << 20
-CONFIG = """
-[daemon]
-time_scale = 0
-
-[[physical]]
-name = "npu0"
-chip = "910B2"
-mode = "numeric"
-
-[[virtual]]
-name = "davinci0"
-physical = "npu0"
-memory = "64MiB"
-"""
+CONFIG = launch.one_npu_config("numeric")
 
 
 @pytest.fixture
@@ -135,6 +122,6 @@ def test_run_time_changes_and_chmod_survive_a_restart(work):
     refused_start("npu7")
     state.write_text(json.dumps(kept | {"virtual": [kept["virtual"][0], kept["virtual"][0]]}))
     refused_start("davinci0: a virtual NPU of that name exists")
-    config.write_text(CONFIG.replace('"64MiB"', '"32MiB"'))  # the operator edits the config: never ignored silently
+    config.write_text(CONFIG + 'memory = "32MiB"\n')  # the operator edits the config: never ignored silently
     state.write_text(json.dumps(kept))
     refused_start("the config's [[virtual]] NPUs changed since this state was written")
