@@ -64,9 +64,10 @@ def _bind(host: str | Path, container: str, options: list[str]) -> dict:
     return {"hostPath": str(host), "containerPath": container, "options": list(options)}
 
 
-def container_edits(status: dict, names: list[str], mount: Path) -> dict:
+def container_edits(status: dict, names: list[str], mount: Path, shim: Path = SHIM_PATH) -> dict:
     """The env and bind mounts that give a container the virtual NPUs `names` (node names, e.g. ["davinci2"]),
-    in that order, of the daemon mounted at `mount` whose status is `status`; each node at /dev/<name>.
+    in that order, of the daemon mounted at `mount` whose status is `status`; each node at /dev/<name>. `shim`:
+    the shim directory as the host sees it (this installation's, unless the caller runs in a container itself).
 
     Raises ValueError for a name the daemon has no virtual NPU of, or one given twice."""
     have = [v["name"] for v in status["virtual"]]
@@ -79,24 +80,34 @@ def container_edits(status: dict, names: list[str], mount: Path) -> dict:
     nodes = [_bind(mount / name, f"/dev/{name}", NODE_OPTIONS) for name in (*names, *ANCILLARY)]
     return {
         "env": [f"PYTHONPATH={SHIM_IN_CONTAINER}"],
-        "mounts": [*nodes, _bind(SHIM_PATH, SHIM_IN_CONTAINER, SHIM_OPTIONS)],
+        "mounts": [*nodes, _bind(shim, SHIM_IN_CONTAINER, SHIM_OPTIONS)],
     }
 
 
-def spec(status: dict, mount: Path) -> dict:
+def spec(status: dict, mount: Path, shim: Path = SHIM_PATH) -> dict:
     """The CDI spec of every virtual NPU in `status`, one device per node and `all`: the edits `container_edits`
     gives, those every container needs at spec level and each device's own at device level."""
     names = [v["name"] for v in status["virtual"]]
     if not names:
         raise ValueError(f"the daemon at {mount} has no virtual NPUs: a CDI spec needs at least one device")
-    common = container_edits(status, [], mount)
+    common = container_edits(status, [], mount, shim)
 
     def own(chosen: list[str]) -> dict:
-        return {"mounts": [m for m in container_edits(status, chosen, mount)["mounts"] if m not in common["mounts"]]}
+        mounts = container_edits(status, chosen, mount, shim)["mounts"]
+        return {"mounts": [m for m in mounts if m not in common["mounts"]]}
 
     devices = [{"name": name, "containerEdits": own([name])} for name in names]
     devices.append({"name": ALL, "containerEdits": own(names)})
     return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices, "containerEdits": common}
+
+
+SHIM_OPTION = click.option(
+    "--shim-host-path",
+    type=click.Path(path_type=Path),
+    default=SHIM_PATH,
+    show_default="this installation's",
+    help="The shim directory as the host sees it (where this command runs in a container, its own path is not).",
+)
 
 
 @click.group()
@@ -114,8 +125,9 @@ def command() -> None:
     help="Write the spec here, replacing the file at once (runtimes watch their spec directories) "
     "[default: stdout]. Runtimes load *.json files from /etc/cdi and /var/run/cdi.",
 )
+@SHIM_OPTION
 @click.pass_obj
-def generate(mount: Path, output) -> None:
+def generate(mount: Path, output, shim_host_path: Path) -> None:
     """Write a CDI spec (JSON) for the running daemon's virtual NPUs.
 
     Each device binds its node at /dev/davinciN with the ancillary nodes, binds the pyACL shim at
@@ -125,7 +137,7 @@ def generate(mount: Path, output) -> None:
     Example: vdevctl cdi generate -o /var/run/cdi/flexnpu.json; podman run --device flexnpu.io/npu=davinci2 ...
     """
     try:
-        document = spec(read_status(mount), mount)
+        document = spec(read_status(mount), mount, shim_host_path)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     output.write(json.dumps(document, indent=2) + "\n")

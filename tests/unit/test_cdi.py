@@ -216,3 +216,12 @@ def test_generate_refuses_a_daemon_without_virtual_npus(fake_mount):
     result = generate(fake_mount)
     assert result.exit_code == 1
     assert "has no virtual NPUs" in result.output
+
+
+def test_the_shim_is_bound_from_where_the_host_has_it():
+    """Where the command runs in a container (the device plugin's DaemonSet), its own shim path is not the host's."""
+    host_shim = Path("/var/lib/flexnpu/shim")
+    document = cdi.spec(STATUS, MOUNT, host_shim)
+    (shim,) = [m for m in document["containerEdits"]["mounts"] if m["containerPath"] == cdi.SHIM_IN_CONTAINER]
+    assert shim["hostPath"] == str(host_shim)
+    assert str(SHIM_PATH) not in json.dumps(document)

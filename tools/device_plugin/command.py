@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from interposer import logs
+from tools import cdi
 from tools.daemon_files import read_status
 from tools.device_plugin.plugin import KUBELET_DIR, RESOURCE, Plugin, PluginError
 
@@ -29,8 +30,9 @@ from tools.device_plugin.plugin import KUBELET_DIR, RESOURCE, Plugin, PluginErro
     show_default=True,
     help="Seconds between reads of the daemon's status (and looks at the kubelet's socket).",
 )
+@cdi.SHIM_OPTION
 @click.pass_obj
-def command(mount: Path, kubelet_dir: Path, resource: str, poll: float) -> None:
+def command(mount: Path, kubelet_dir: Path, resource: str, poll: float, shim_host_path: Path) -> None:
     """Offer the daemon's virtual NPUs to the kubelet as --resource, one device each (ID: the node name, davinci2),
     until SIGTERM/SIGINT (Kubernetes device plugin API v1beta1).
 
@@ -42,7 +44,7 @@ def command(mount: Path, kubelet_dir: Path, resource: str, poll: float) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    plugin = Plugin(lambda: read_status(mount), mount, kubelet_dir, resource, poll)
+    plugin = Plugin(lambda: read_status(mount), mount, kubelet_dir, resource, poll, shim_host_path)
     try:
         plugin.run(stop)
     except PluginError as exc:

@@ -143,10 +143,11 @@ class Board:
 
 
 class Servicer(api_pb2_grpc.DevicePluginServicer):
-    def __init__(self, board: Board, source: StatusSource, mount: Path) -> None:
+    def __init__(self, board: Board, source: StatusSource, mount: Path, shim: Path) -> None:
         self.board = board
         self.source = source
         self.mount = mount
+        self.shim = shim
 
     def GetDevicePluginOptions(self, request, context) -> api_pb2.DevicePluginOptions:
         return OPTIONS
@@ -176,7 +177,7 @@ class Servicer(api_pb2_grpc.DevicePluginServicer):
         for r in request.container_requests:
             names = list(r.devices_ids)
             try:
-                edits = cdi.container_edits(status, names, self.mount)
+                edits = cdi.container_edits(status, names, self.mount, self.shim)
             except ValueError as exc:  # a name the daemon has no virtual NPU of (destroyed?), or one given twice
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             responses.append(container_response(names, edits))
@@ -207,7 +208,13 @@ class Plugin:
     its own when it restarts)."""
 
     def __init__(
-        self, source: StatusSource, mount: Path, kubelet_dir: Path, resource: str = RESOURCE, poll: float = 1.0
+        self,
+        source: StatusSource,
+        mount: Path,
+        kubelet_dir: Path,
+        resource: str = RESOURCE,
+        poll: float = 1.0,
+        shim: Path = cdi.SHIM_PATH,
     ) -> None:
         self.source = source
         self.kubelet_dir = kubelet_dir.absolute()
@@ -215,7 +222,7 @@ class Plugin:
         self.poll = poll
         self.socket = self.kubelet_dir / f"{resource.replace('/', '-')}.sock"
         self.board = Board()
-        self.servicer = Servicer(self.board, source, mount)
+        self.servicer = Servicer(self.board, source, mount, shim)
         self._server: grpc.Server | None = None
         self._serving: tuple[int, int, int] | None = None  # our socket's identity, while served
         self._registered: tuple[int, int, int] | None = None  # kubelet.sock's identity when Register succeeded
