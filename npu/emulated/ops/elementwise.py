@@ -1,7 +1,9 @@
-"""Elementwise and row-wise vector ops: arithmetic, casts, activations, softmax.
+"""Elementwise and row-wise vector ops: arithmetic, casts, activations, clipping, softmax.
 
 Elementwise kernels stream their bytes through the unified buffer (base.VECTOR_TILE_BYTES a tile, Op's default
-cost); softmax gives each vector core whole rows."""
+cost); softmax gives each vector core whole rows. Op types, inputs and attrs are CANN's (op_proto headers
+elewise_calculation_ops.h and nonlinear_fuc_ops.h, e.g. github.com/mindspore-ai/graphengine, 910/third_party/
+fwkacllib/inc/ops/); where CANN passes a scalar as a tensor (ClipByValue's bounds) an attr may carry it instead."""
 
 from __future__ import annotations
 
@@ -114,6 +116,27 @@ class Swish(Unary):
         return [x * _sigmoid(float(attrs.get("scale", 1.0)) * x)]
 
 
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+# erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0: the Chebyshev fit of Numerical Recipes (erfcc),
+# fractional error below 1.2e-7 everywhere, so GELU's far negative tail keeps its relative precision (numpy has
+# no erf). Coefficients of P from t^0 up.
+_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+         -0.82215223, 0.17087277)  # fmt: skip
+
+
+def _erfc(x: np.ndarray) -> np.ndarray:
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = np.zeros_like(t)
+    for c in reversed(_ERFC):
+        poly = poly * t + c
+    tail = t * np.exp(poly - z * z)
+    return np.where(x >= 0, tail, 2.0 - tail)
+
+
 @register
 class Gelu(Unary):
     """The tanh approximation, as Ascend's Gelu computes it."""
@@ -121,8 +144,124 @@ class Gelu(Unary):
     name = "Gelu"
 
     def compute(self, ins, attrs):
+        return [_gelu_tanh(widen(ins[0]))]
+
+
+@register
+class GeluV2(Unary):
+    """attr approximate: "none" (default: x * Phi(x), the erf form) or "tanh". CANN GeluV2
+    (github.com/hicann/ops-nn, activation/gelu_v2/op_host/gelu_v2_def.cpp)."""
+
+    name = "GeluV2"
+    forms = ("none", "tanh")
+
+    def infer(self, ins, attrs, outs):
+        if attrs.get("approximate", "none") not in self.forms:
+            raise operand_error(self.name, "attr approximate", f"{attrs['approximate']!r} is not one of {self.forms}")
+        return super().infer(ins, attrs, outs)
+
+    def compute(self, ins, attrs):
         x = widen(ins[0])
-        return [0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))]
+        if attrs.get("approximate", "none") == "tanh":
+            return [_gelu_tanh(x)]
+        return [0.5 * x * _erfc(-x / np.sqrt(2.0).astype(x.dtype))]
+
+
+@register
+class Sigmoid(Unary):
+    """1 / (1 + exp(-x)). CANN Sigmoid (nonlinear_fuc_ops.h)."""
+
+    name = "Sigmoid"
+
+    def compute(self, ins, attrs):
+        return [_sigmoid(widen(ins[0]))]
+
+
+@register
+class LeakyRelu(Unary):
+    """x where x > 0, else negative_slope * x; attr negative_slope (default 0.0). CANN LeakyRelu
+    (nonlinear_fuc_ops.h)."""
+
+    name = "LeakyRelu"
+
+    def compute(self, ins, attrs):
+        x = widen(ins[0])
+        return [np.where(x > 0, x, x * float(attrs.get("negative_slope", 0.0)))]
+
+
+class Numeric(Op):
+    """Elementwise on any number dtype (bool has no order or scale); the output is x's spec."""
+
+    def infer(self, ins, attrs, outs):
+        if ins[0].dtype == np.bool_:
+            raise operand_error(self.name, "x", "bool has no meaning here; cast to a number first")
+        return [ins[0]]
+
+
+@register
+class Relu(Numeric):
+    """max(x, 0). CANN Relu (nonlinear_fuc_ops.h)."""
+
+    name = "Relu"
+
+    def compute(self, ins, attrs):
+        return [np.maximum(widen(ins[0]), 0)]
+
+
+@register
+class Relu6(Numeric):
+    """min(max(x, 0), 6). CANN Relu6 (nonlinear_fuc_ops.h)."""
+
+    name = "Relu6"
+
+    def compute(self, ins, attrs):
+        return [np.minimum(np.maximum(widen(ins[0]), 0), 6)]
+
+
+@register
+class ClipByValue(Numeric):
+    """min(max(x, clip_value_min), clip_value_max). The bounds are CANN's two tensor inputs (x's dtype,
+    broadcasting to x) or, without them, attrs clip_value_min and clip_value_max. CANN ClipByValue
+    (elewise_calculation_ops.h)."""
+
+    name = "ClipByValue"
+    inputs = (1, 3)
+    bounds = ("clip_value_min", "clip_value_max")
+
+    def infer(self, ins, attrs, outs):
+        x = super().infer(ins, attrs, outs)[0]
+        if len(ins) == 3:
+            for name, bound in zip(self.bounds, ins[1:], strict=True):
+                try:
+                    fits = bound.dtype == x.dtype and np.broadcast_shapes(x.shape, bound.shape) == x.shape
+                except ValueError:
+                    fits = False
+                if not fits:
+                    raise operand_error(self.name, name, f"{bound} must have x's dtype and broadcast to x's {x}")
+        elif len(ins) == 2 or not set(self.bounds) <= attrs.keys():
+            raise operand_error(
+                self.name, "bounds", "pass clip_value_min and clip_value_max as two more inputs or as attrs"
+            )
+        return [x]
+
+    def compute(self, ins, attrs):
+        low, high = (widen(b) for b in ins[1:]) if len(ins) == 3 else (attrs[b] for b in self.bounds)
+        return [np.minimum(np.maximum(widen(ins[0]), low), high)]
+
+
+@register
+class Muls(Numeric):
+    """x * attr value (a float scalar). CANN Muls (elewise_calculation_ops.h)."""
+
+    name = "Muls"
+
+    def infer(self, ins, attrs, outs):
+        if "value" not in attrs:
+            raise operand_error(self.name, "attr value", "is required: the scalar to multiply by")
+        return super().infer(ins, attrs, outs)
+
+    def compute(self, ins, attrs):
+        return [widen(ins[0]) * float(attrs["value"])]
 
 
 @register

@@ -1,4 +1,4 @@
-"""Normalisations: RmsNorm, AddRmsNorm (residual add fused in), LayerNorm.
+"""Normalisations: RmsNorm, AddRmsNorm (residual add fused in), LayerNorm, BNInfer (inference batch norm).
 
 Their kernels give each vector core whole rows (a row is reduced where it lies), so a cost has one tile per
 normalised row: a decode step's few rows use few cores.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from npu.emulated import dtypes
 from npu.emulated.ops.base import Op, TensorSpec, operand_error, register, same_dtype, streaming_cost, widen
 
 F32 = np.dtype(np.float32)
@@ -82,11 +83,12 @@ class AddRmsNorm(Op):
 @register
 class LayerNorm(Op):
     """Normalise over dims from attr begin_norm_axis (default -1); scale by gamma, shift by beta (their
-    shape is x's from begin_params_axis, default -1). attr epsilon (default 1e-5). Outputs y, mean and
-    variance (float32, reduced dims kept as 1)."""
+    shape is x's from begin_params_axis, default -1; beta may be left out: no shift, as ONNX's
+    LayerNormalization without B). attr epsilon (default 1e-5). Outputs y, mean and variance (float32, reduced
+    dims kept as 1)."""
 
     name = "LayerNorm"
-    inputs = (3, 3)
+    inputs = (2, 3)
 
     def _axes(self, x: TensorSpec, attrs, key: str = "begin_norm_axis") -> int:
         rank = len(x.shape)
@@ -96,11 +98,11 @@ class LayerNorm(Op):
         return begin % rank
 
     def infer(self, ins, attrs, outs):
-        x, gamma, beta = ins
+        x = ins[0]
         same_dtype(self.name, ins, ("x", "gamma", "beta"))
         begin = self._axes(x, attrs)
         params = x.shape[self._axes(x, attrs, "begin_params_axis") :]
-        for name, spec in (("gamma", gamma), ("beta", beta)):
+        for name, spec in zip(("gamma", "beta"), ins[1:], strict=False):
             if spec.shape != params:
                 raise operand_error(
                     self.name, name, f"shape {list(spec.shape)} is not x's shape from begin_params_axis, {list(params)}"
@@ -109,12 +111,40 @@ class LayerNorm(Op):
         return [x, stat, stat]
 
     def compute(self, ins, attrs):
-        x, gamma, beta = (widen(a) for a in ins)
+        x, gamma = widen(ins[0]), widen(ins[1])
         axes = tuple(range(self._axes(TensorSpec(ins[0].dtype, ins[0].shape), attrs), x.ndim))
         mean = x.mean(axis=axes, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-        y = (x - mean) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
-        return [y, mean, var]
+        y = (x - mean) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma
+        return [y + widen(ins[2]) if len(ins) == 3 else y, mean, var]
 
     def cost(self, ins, outs, attrs):
         return _row_cost(ins, outs, outs[1].size)  # one mean per row
+
+
+@register
+class BNInfer(Op):
+    """Inference batch norm over dim 1 (x [N, C, ...]): (x - mean) / sqrt(variance + epsilon) * scale + offset,
+    the four parameters [C] of a float dtype (CANN's are float32; a graph stored in x's dtype is fine too).
+    attr epsilon (default 1e-4). CANN BNInfer (reduce_ops.h, github.com/mindspore-ai/graphengine
+    910/third_party/fwkacllib/inc/ops). Elementwise once the statistics are given: Op's streaming cost."""
+
+    name = "BNInfer"
+    inputs = (5, 5)
+    params = ("scale", "offset", "mean", "variance")
+
+    def infer(self, ins, attrs, outs):
+        x = ins[0]
+        if x.dtype not in dtypes.FLOATS or len(x.shape) < 2:
+            raise operand_error(self.name, "x", f"{x} must be a float tensor [N, C, ...]")
+        for name, spec in zip(self.params, ins[1:], strict=True):
+            if spec.dtype not in dtypes.FLOATS or spec.shape != x.shape[1:2]:
+                raise operand_error(self.name, name, f"{spec} must be a float vector [{x.shape[1]}] (x's channels)")
+        return [x]
+
+    def compute(self, ins, attrs):
+        x = widen(ins[0])
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        scale, offset, mean, variance = (widen(p).astype(x.dtype).reshape(shape) for p in ins[1:])
+        std = np.sqrt(variance + float(attrs.get("epsilon", 1e-4)))
+        return [(x - mean) / std * scale + offset]

@@ -1,4 +1,5 @@
-"""Data movement: gather (embeddings), concat, transpose, reshape, argmax, scatter (KV-cache writes).
+"""Data movement: gather (embeddings), concat, split, transpose, reshape, identity, argmax, scatter (KV-cache
+writes).
 
 Where Ascend passes an axis, permutation or shape as an input tensor, the emulated op takes the same value
 as an attribute (its launch description must be checked before any data exists); a tensor input of the
@@ -79,6 +80,61 @@ class ConcatD(Op):
 
     def compute(self, ins, attrs):
         return [np.concatenate(ins, axis=int(attrs.get("concat_dim", 0)))]
+
+
+@register
+class SplitVD(Op):
+    """x cut along attr split_dim into attr num_split pieces of attr size_splits (one entry may be -1: the rest);
+    without size_splits, equal pieces (SplitD). CANN SplitVD; SplitV takes size_splits and split_dim as tensor
+    inputs (split_combination_ops.h, github.com/mindspore-ai/graphengine 910/third_party/fwkacllib/inc/ops)."""
+
+    name = "SplitVD"
+    aliases = ("SplitV", "SplitD")
+    inputs = (1, 3)
+
+    def _sizes(self, x: TensorSpec, attrs) -> tuple[int, list[int]]:
+        if "split_dim" not in attrs:
+            raise operand_error(self.name, "attr split_dim", "is required: the dim to split along")
+        d = axis(self.name, int(attrs["split_dim"]), len(x.shape), "attr split_dim")
+        length = x.shape[d]
+        count = int(attrs.get("num_split", len(attrs.get("size_splits", ())) or 1))
+        sizes = [int(s) for s in attrs.get("size_splits", [])]
+        if not sizes:
+            if count < 1 or length % count:
+                raise operand_error(self.name, "attr num_split", f"{count} does not divide dim {d} of size {length}")
+            sizes = [length // count] * count
+        if sizes.count(-1) == 1:
+            sizes[sizes.index(-1)] = length - (sum(sizes) + 1)
+        if len(sizes) != count or min(sizes) < 0 or sum(sizes) != length:
+            raise operand_error(
+                self.name, "attr size_splits", f"{sizes} are not {count} sizes adding up to dim {d}'s {length}"
+            )
+        return d, sizes
+
+    def infer(self, ins, attrs, outs):
+        x = ins[0]
+        d, sizes = self._sizes(x, attrs)
+        return [TensorSpec(x.dtype, x.shape[:d] + (s,) + x.shape[d + 1 :]) for s in sizes]
+
+    def compute(self, ins, attrs):
+        d, sizes = self._sizes(TensorSpec(ins[0].dtype, ins[0].shape), attrs)
+        _scalar_input(self.name, ins, 1, [int(s) for s in attrs.get("size_splits", sizes)], "size_splits")
+        _scalar_input(self.name, ins, 2, int(attrs["split_dim"]), "split_dim")
+        return np.split(ins[0], np.cumsum(sizes)[:-1], axis=d)
+
+
+@register
+class Identity(Op):
+    """y = x, a copy. CANN Identity (array_ops.h, github.com/mindspore-ai/graphengine
+    910/third_party/fwkacllib/inc/ops)."""
+
+    name = "Identity"
+
+    def infer(self, ins, attrs, outs):
+        return [ins[0]]
+
+    def compute(self, ins, attrs):
+        return [ins[0]]
 
 
 @register
