@@ -26,6 +26,7 @@ from acl._tensors import (  # noqa: F401
     get_tensor_desc_size,
     get_tensor_desc_type,
     set_tensor_const,
+    update_data_buffer,
 )
 from flexnpu_client.errors import AclCallError
 from flexnpu_client.runtime import RUNTIME

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 from acl._ret import code
 from flexnpu_client.errors import AclCallError
-
-DTYPE_SIZES = {0: 4, 1: 2, 2: 1, 3: 4, 4: 1, 6: 2, 7: 2, 8: 4, 9: 8, 10: 8, 11: 8, 12: 1, 27: 2}
+from flexnpu_client.om import DTYPE_SIZES
 
 
 @dataclass
@@ -99,6 +98,15 @@ def get_data_buffer_size_v2(buffer: int) -> int:
 
 
 get_data_buffer_size = get_data_buffer_size_v2
+
+
+def update_data_buffer(buffer: int, data: int, size: int) -> int:
+    """aclUpdateDataBuffer: point the buffer at other memory (a model's dataset keeps the buffer)."""
+    b = BUFFERS.get(buffer)
+    if b is None:
+        return 100000
+    b.ptr, b.size = int(data), int(size)
+    return 0
 
 
 @code

@@ -189,7 +189,7 @@ def malloc(size: int, policy: int) -> int:
 
 @code
 def free(ptr: int) -> None:
-    RUNTIME.call(Op.FREE, ptr=ptr)
+    RUNTIME.free(ptr)
 
 
 @value(0)

@@ -247,6 +247,9 @@ class Runtime:
     def malloc(self, size: int, policy: int) -> int:
         return COMMANDS[Op.MALLOC].reply.parse(self.call(Op.MALLOC, size=size, policy=policy)).ptr
 
+    def free(self, ptr: int) -> None:
+        self.call(Op.FREE, ptr=ptr)
+
     def malloc_host(self, size: int) -> int:
         if size <= 0:
             raise AclCallError(f"malloc_host size must be > 0, got {size}")
