@@ -384,6 +384,7 @@ BENCHES = {
     "chaos": "Verifying clients while clients and the daemon are killed and bad frames fly; then buffer abuse.",
     "pd": "Prefill/decode co-location: fifo, static and flex vs static disaggregation, simulated and live.",
     "caps": "Compute isolation: a 6-core virtual NPU vs the whole chip, and 6- and 18-core tenants sharing one.",
+    "models": "Offline models: ResNet-50 through acl.mdl at batch 1/8/32, and beside LLM decode under fifo and flex.",
 }
 
 
