@@ -4,7 +4,10 @@ In order of precedence: the virtual NPU's role in the config, the phase its clie
 carried in HELLO), or inference from what the stream runs. Inference follows the operators that only one phase
 runs: PromptFlashAttention (whole prompts, causal) is prefill, IncreFlashAttention (one new token against the
 KV cache) is decode; a stream that switches between them (one engine running both phases, as in direct
-serving) is re-tagged at each. A stream that ran neither is judged by the arithmetic intensity of everything it
+serving) is re-tagged at each. A convolution marks conventional inference (a CNN through acl.mdl): neither phase,
+for good — by intensity a CNN's 1x1 convolutions and elementwise layers read as memory-bound, and a CNN taken for
+decode would be protected from prefill and compete with real decode (found by `vdevctl bench models`). A stream
+that ran none of these is judged by the arithmetic intensity of everything it
 queued: FLOPs per HBM byte above the chip's ridge point (peak FLOPs / HBM bandwidth) is compute-bound, like
 prefill; below it, memory-bound, like decode. Intensity needs a few kernels to mean anything, so it waits for
 MIN_KERNELS of them.
@@ -16,7 +19,11 @@ from npu.profiles import ChipProfile
 from npu.tasks import Task, Unit
 from scheduler.stream import Phase, PhaseSource, Stream
 
-PHASE_OPERATORS = {"PromptFlashAttention": Phase.PREFILL, "IncreFlashAttention": Phase.DECODE}
+PHASE_OPERATORS = {
+    "PromptFlashAttention": Phase.PREFILL,
+    "IncreFlashAttention": Phase.DECODE,
+    "Conv2D": Phase.UNKNOWN,  # conventional inference
+}
 MIN_KERNELS = 8
 _INFERRED = (PhaseSource.OPERATOR, PhaseSource.INTENSITY, PhaseSource.NONE)
 

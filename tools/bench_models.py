@@ -7,8 +7,8 @@ tools/models_client.py through the daemon on an emulated 910B2 in timing mode:
   inference is bounded by roughly 3x it: a forward pass is about a third of a training step's FLOPs);
 - beside decode, paced (`PACED_SCALE` wall seconds per modeled second): a decode-step proxy (28 small MatMuls
   between events, tests/programs/matmul_steps.py, on a role=decode virtual NPU) alone, then beside the CNN looping
-  at batch 8 on another virtual NPU of the same chip, under fifo and flex: what the CNN costs decode's step time
-  and what the CNN still gets.
+  at batch 8 on another virtual NPU of the same chip, under fifo, flex, and flex asked to keep decode within 5 % of
+  its step alone: what the CNN costs decode's step time and what the CNN still gets.
 """
 
 from __future__ import annotations

@@ -279,3 +279,16 @@ def test_an_undeclared_stream_follows_its_last_attention_operator(tasks):
         assert (s.phase, s.phase_from) == (expected, PhaseSource.OPERATOR)
     else:
         assert s.phase_from in (PhaseSource.NONE, PhaseSource.INTENSITY)
+
+
+def test_a_convolution_marks_conventional_inference_for_good():
+    """A CNN's stream reads as memory-bound by intensity (its elementwise layers and 1x1 convolutions); taken for
+    decode it would compete with real decode under flex. A Conv2D makes it neither phase, whatever follows."""
+    stream = Stream()
+    for _ in range(MIN_KERNELS):
+        phase.observe(stream, norm(), B2)
+    assert (stream.phase, stream.phase_from) == (Phase.DECODE, PhaseSource.INTENSITY)
+    phase.observe(stream, FakeTask("Conv2D", GEMM), B2)
+    for _ in range(3 * MIN_KERNELS):
+        phase.observe(stream, norm(), B2)
+    assert (stream.phase, stream.phase_from) == (Phase.UNKNOWN, PhaseSource.OPERATOR)
