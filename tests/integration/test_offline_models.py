@@ -20,15 +20,17 @@ ATC = [sys.executable, "-m", "tools.atc.cli"]
 MODELS = {
     "resnet18": (lambda: onnx_models.resnet18(batch=2, image_size=64, width=16, classes=10), (2, 3, 64, 64)),
     "yolo": (lambda: onnx_models.yolo_head(batch=1, image_size=64), (1, 3, 64, 64)),
+    "resnet18-any-batch": (lambda: onnx_models.resnet18(image_size=64, width=16, classes=10), (2, 3, 64, 64)),
 }
 
 
-def convert(tmp_path, name: str, precision: str) -> tuple:
+def convert(tmp_path, name: str, precision: str, *extra: str) -> tuple:
     build, shape = MODELS[name]
     model_path = tmp_path / f"{name}.onnx"
     onnx.save(build(), model_path)
     args = [f"--model={model_path}", "--framework=5", f"--output={tmp_path / name}", "--soc_version=Ascend910B2"]
-    result = subprocess.run([*ATC, *args, f"--precision_mode={precision}"], capture_output=True, text=True, cwd=ROOT)
+    args += [f"--precision_mode={precision}", *extra]
+    result = subprocess.run([*ATC, *args], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "ATC run success" in result.stdout, result.stderr
     images = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
@@ -66,3 +68,14 @@ def test_a_corrupt_or_vendor_model_is_refused_and_the_daemon_serves_on(daemon, t
         assert result.returncode != 0
         assert "load_from_file failed: 100013" in result.stderr and says in result.stderr.lower()
     assert acl_program(daemon.mount, "roundtrip.py").returncode == 0
+
+
+@requires_mount
+def test_a_model_with_batch_gears_runs_the_images_batch(daemon, tmp_path):
+    om_path, images, reference = convert(
+        tmp_path, "resnet18-any-batch", "force_fp32", "--input_shape=images:-1,3,64,64", "--dynamic_batch_size=1,2,4"
+    )
+    out = tmp_path / "out.npy"
+    result = acl_program(daemon.mount, "classify.py", str(om_path), str(images), str(out))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(out), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())

@@ -116,6 +116,11 @@ GOOD = om.dumps(small_model())
         (rebuilt(lambda h: h.pop("soc")), "field 'soc' is missing"),
         (rebuilt(_set("graphs", [])), "has no graph"),
         (rebuilt(_set("graphs", [[]])), "graph 0: expected a JSON dict"),
+        (rebuilt(_set("graphs.0.tensors.1.shape", [1 << 40, 1 << 40])), "is larger than any device"),
+        (rebuilt(_set("graphs.0.tensors.1.shape", [1] * 129)), "(at most 128)"),
+        (rebuilt(_set("graphs.0.nodes.0.inputs", ["x16"])), "node 0 (Cast): reads 'x16' before any node writes it"),
+        (rebuilt(_set("graphs.0.nodes.1.outputs", ["w"])), "node 1 (Mul): writes 'w', a model input or weight"),
+        (rebuilt(_set("graphs.0.nodes.1.outputs", ["x16"])), "output 'y' is written by no node"),
     ],
 )
 def test_malformed_files_raise_om_error_naming_the_problem(data: bytes, message: str):

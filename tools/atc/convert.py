@@ -153,6 +153,11 @@ def input_shapes(model: onnx.ModelProto, options: Options, gear: int) -> dict[st
                 raise ConversionError(f"--input_shape gives input {name!r} {len(given[name])} dims, it has {len(dims)}")
             if -1 in given[name] and not gear:
                 raise ConversionError(f"--input_shape of {name!r} has -1: a dynamic batch needs --dynamic_batch_size")
+            if -1 in given[name][1:]:  # ATC's -1 marks the batch: gears of other dimensions are --dynamic_dims
+                raise ConversionError(
+                    f"--input_shape of {name!r} has -1 past its first dimension: --dynamic_batch_size sets the batch "
+                    "(the first dimension) only"
+                )
             free = free or -1 in given[name]
             dims = [gear if d == -1 else d for d in given[name]]
         elif gear and dims and dims[0] is None:

@@ -7,6 +7,10 @@ of the largest gear. Executing launches every node of the chosen gear's graph on
 buffers as the model's inputs and outputs: the launches are asynchronous records that the client sends together
 and the daemon runs in stream order — one submission, no round trip per node; `execute` then synchronizes.
 
+One model's executions never overlap, as on CANN where a model instance runs one execution at a time: its
+intermediates share one workspace. A lock orders them among the process's threads, and an event orders them on
+the device across streams (each execution's launches wait for the previous execution's last record).
+
 A model with gears (`--dynamic_batch_size`) has an extra last input, ACL_DYNAMIC_TENSOR_NAME, as ATC's models
 do; `set_dynamic_batch_size` picks the gear for the input dataset it is given.
 """
@@ -15,11 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 from acl._tensors import BUFFERS
 from flexnpu_client import om
-from flexnpu_client.codec import AttrKind
+from flexnpu_client.codec import AttrKind, Op
 from flexnpu_client.errors import AclCallError, AclError
 from flexnpu_client.runtime import HOST_TO_DEVICE, RUNTIME
 
@@ -45,6 +50,8 @@ class Loaded:
     workspace: int  # device address of the intermediates
     layouts: list[dict[str, int]]  # per gear: intermediate tensor -> offset in the workspace
     current: int | None = None  # the gear set_dynamic_batch_size chose last (get_cur_output_dims reports it)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: int | None = None  # an event recorded after the last execution's launches
 
     @property
     def dynamic(self) -> bool:
@@ -106,6 +113,8 @@ def unload(model_id: int) -> None:
     del MODELS[model_id]
     RUNTIME.free(found.weights)
     RUNTIME.free(found.workspace)
+    if found.done is not None:
+        RUNTIME.destroy(Op.EVENT_DESTROY, found.done)
 
 
 def _gear(found: Loaded, inputs: Dataset) -> int:
@@ -150,9 +159,15 @@ def execute(model_id: int, inputs: int, outputs: int, stream: int) -> None:
     def operands(names: tuple[str, ...]) -> list:
         return [(t.dtype, t.format, t.shape, where[t.name]) for t in (graph.tensors[n] for n in names)]
 
-    for node in graph.nodes:
-        attrs = {name: (AttrKind[kind.upper()], value) for name, (kind, value) in node.attrs.items()}
-        RUNTIME.launch(node.op, operands(node.inputs), operands(node.outputs), attrs, stream)
+    with found.lock:
+        if found.done is None:
+            found.done = RUNTIME.create(Op.EVENT_CREATE)
+        else:  # after the previous execution, whichever stream it went on
+            RUNTIME.submit(Op.EVENT_WAIT, found.done, event=found.done, stream=stream)
+        for node in graph.nodes:
+            attrs = {name: (AttrKind[kind.upper()], value) for name, (kind, value) in node.attrs.items()}
+            RUNTIME.launch(node.op, operands(node.inputs), operands(node.outputs), attrs, stream)
+        RUNTIME.submit(Op.EVENT_RECORD, found.done, event=found.done, stream=stream)
 
 
 def dataset(handle: int) -> Dataset:

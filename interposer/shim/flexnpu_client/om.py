@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from .layouts import ATTR_KINDS
 
 MAGIC = b"FLEXOM\x00\x01"
+MAX_DIMS = 128  # ACL_MAX_DIM_CNT (acl_base.h)
+MAX_TENSOR_BYTES = 1 << 40  # a tensor past this fits no device: refused here, not at a malloc's wire field
 VERSION = 1
 _PREAMBLE = struct.Struct("<8sIQ")  # magic, version, header length
 
@@ -183,6 +185,7 @@ def _model(header: object, blob: bytes) -> Model:
                 raise OmError(
                     f"{where}: weight {name!r} has {size} bytes in the blob, its tensor needs {g.tensors[name].nbytes}"
                 )
+        _check_order(g, where, set(inputs), set(weights) & set(g.tensors), outputs)
     return Model(h["soc"], inputs, outputs, weights, blob, graphs, h["source"])
 
 
@@ -199,8 +202,15 @@ def _graph(raw: object, index: int) -> Graph:
             raise OmError(f"{where} tensor {name!r}: unknown aclDataType {t['dtype']} (have {sorted(DTYPE_SIZES)})")
         if t["format"] not in FORMATS:
             raise OmError(f"{where} tensor {name!r}: unknown aclFormat {t['format']} (have {sorted(FORMATS)})")
-        if not all(_is_int(d) and d >= 0 for d in t["shape"]):
-            raise OmError(f"{where} tensor {name!r}: shape {t['shape']} is not a list of non-negative integers")
+        if not all(_is_int(d) and d >= 0 for d in t["shape"]) or len(t["shape"]) > MAX_DIMS:
+            raise OmError(
+                f"{where} tensor {name!r}: shape {t['shape']} is not a list of non-negative integers "
+                f"(at most {MAX_DIMS})"
+            )
+        if math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] > MAX_TENSOR_BYTES:
+            raise OmError(
+                f"{where} tensor {name!r}: shape {t['shape']} is larger than any device ({MAX_TENSOR_BYTES} bytes)"
+            )
         if name in tensors:
             raise OmError(f"{where}: tensor {name!r} is listed twice")
         tensors[name] = Tensor(name, t["dtype"], tuple(t["shape"]), t["format"])
@@ -214,6 +224,23 @@ def _graph(raw: object, index: int) -> Graph:
                 raise OmError(f"{what}: tensor {name!r} is not among the graph's tensors")
         nodes.append(Node(n["op"], ins, outs, {k: _attr(v, f"{what} attr {k!r}") for k, v in n["attrs"].items()}))
     return Graph(g["batch"], tensors, tuple(nodes))
+
+
+def _check_order(g: Graph, where: str, inputs: set[str], weights: set[str], outputs: tuple[str, ...]) -> None:
+    """Nodes read only what exists by then (the model's inputs, weights, earlier nodes' outputs), never write an
+    input or a weight, and write every output: else a run would read memory nobody wrote."""
+    written = inputs | weights
+    for i, node in enumerate(g.nodes):
+        for name in node.inputs:
+            if name not in written:
+                raise OmError(f"{where} node {i} ({node.op}): reads {name!r} before any node writes it")
+        for name in node.outputs:
+            if name in inputs or name in weights:
+                raise OmError(f"{where} node {i} ({node.op}): writes {name!r}, a model input or weight")
+            written.add(name)
+    for name in outputs:
+        if name not in written:
+            raise OmError(f"{where}: output {name!r} is written by no node")
 
 
 def _attr(raw: object, where: str) -> tuple[str, object]:

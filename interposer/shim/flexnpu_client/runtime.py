@@ -343,11 +343,17 @@ class Runtime:
         key = (op_type, *((d, f, tuple(dims)) for d, f, dims, _ in (*ins, *outs)), "|", *_frozen(attrs))
         template = client.templates.get(key)
         if template is None:
-            template = client.templates[key] = len(client.templates) + 1
+            # Under the lock, and visible to other threads only once its description is queued: a thread that
+            # found the id first could launch before the daemon had the description (found in review).
             description = codec.op_description(
                 op_type, [(d, f, dims) for d, f, dims, _ in ins], [(d, f, dims) for d, f, dims, _ in outs], attrs
             )
-            client.submit(Op.OP_TEMPLATE, description, template=template)
+            with self._lock:
+                template = client.templates.get(key)
+                if template is None:
+                    template = len(client.templates) + 1
+                    client.submit(Op.OP_TEMPLATE, description, template=template)
+                    client.templates[key] = template
         self.reports.hold(stream)
         addresses = [ptr for *_, ptr in (*ins, *outs)]
         packed = struct.pack(f"<{len(addresses)}Q", *addresses)
