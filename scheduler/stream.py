@@ -104,7 +104,10 @@ class TaskEntry(Entry):
 def ceiling(entry: TaskEntry, chip: ChipProfile) -> tuple[int, int]:
     """The most (cube, vector) cores `entry` may launch on whatever a policy decides: its client's core limits and
     its virtual NPU's cap (vector cores in the chip's proportion)."""
-    holder, cap = entry.limits or entry.stream, entry.stream.tenant.cores or chip.ai_cores
+    holder, cap = entry.limits or entry.stream, entry.stream.tenant.cores
+    if cap is None and holder.cube_limit is None and holder.vector_limit is None:  # the common case, per dispatch
+        return chip.ai_cores, chip.vector_cores
+    cap = cap or chip.ai_cores
     return (
         min(holder.cube_limit or chip.ai_cores, cap),
         min(holder.vector_limit or chip.vector_cores, cap * chip.vector_cores // chip.ai_cores),
