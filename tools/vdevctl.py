@@ -215,14 +215,21 @@ def vnpu() -> None:
     """Create, resize and destroy virtual NPUs of the running daemon (kept across its restarts)."""
 
 
+def _word(ctx: click.Context, param: click.Parameter, value):
+    """A control command is words: a value with a space or `=` would be read as more of them."""
+    if isinstance(value, str) and (not value or any(c.isspace() or c == "=" for c in value)):
+        raise click.BadParameter(f"{value!r}: no spaces or '=' here")
+    return value
+
+
 @vnpu.command("create")
-@click.option("--physical", required=True, help="The physical NPU it runs on (see vdevctl ls).")
-@click.option("--memory", required=True, help="Its device-memory quota: bytes, or e.g. 8GiB.")
+@click.option("--physical", required=True, callback=_word, help="The physical NPU it runs on (see vdevctl ls).")
+@click.option("--memory", required=True, callback=_word, help="Its device-memory quota: bytes, or e.g. 8GiB.")
 @click.option("--cores", type=int, help="Every kernel of it runs on at most N AI cores (default: the whole chip).")
 @click.option("--role", type=click.Choice(["any", "prefill", "decode"]), help="Its streams' phase (default: any).")
-@click.option("--owner", help="uid:gid (or user:group) of its device node (default 0:0).")
-@click.option("--mode", help="Permission bits of its device node, octal (default 0666).")
-@click.option("--name", help="Its node's name, davinci<N> (default: the lowest free).")
+@click.option("--owner", callback=_word, help="uid:gid (or user:group) of its device node (default 0:0).")
+@click.option("--mode", callback=_word, help="Permission bits of its device node, octal (default 0666).")
+@click.option("--name", callback=_word, help="Its node's name, davinci<N> (default: the lowest free).")
 @click.pass_obj
 def vnpu_create(mount: Path, **fields) -> None:
     """Make a virtual NPU; prints its device node's name."""
@@ -231,8 +238,8 @@ def vnpu_create(mount: Path, **fields) -> None:
 
 
 @vnpu.command("resize")
-@click.argument("name")
-@click.option("--memory", help="The new quota (not below what its sessions hold).")
+@click.argument("name", callback=_word)
+@click.option("--memory", callback=_word, help="The new quota (not below what its sessions hold).")
 @click.option("--cores", type=int, help="The new core cap (the chip's core count lifts it).")
 @click.pass_obj
 def vnpu_resize(mount: Path, name: str, memory: str | None, cores: int | None) -> None:
@@ -242,7 +249,7 @@ def vnpu_resize(mount: Path, name: str, memory: str | None, cores: int | None) -
 
 
 @vnpu.command("destroy")
-@click.argument("name")
+@click.argument("name", callback=_word)
 @click.option("--force", is_flag=True, help="End its open sessions (their processes get the device-lost error).")
 @click.pass_obj
 def vnpu_destroy(mount: Path, name: str, force: bool) -> None:

@@ -103,6 +103,8 @@ def _fields(words: list[str], allowed: set[str], usage: str) -> dict[str, str]:
         match = FIELD.fullmatch(word)
         if match is None or match.group(1) not in allowed:
             raise ValueError(f"{word}: not one of {', '.join(f'{k}=' for k in sorted(allowed))} (usage: {usage})")
+        if match.group(1) in fields:  # the later one must not quietly win (a value with a space in it, say)
+            raise ValueError(f"{match.group(1)}= given twice (usage: {usage})")
         fields[match.group(1)] = match.group(2)
     return fields
 

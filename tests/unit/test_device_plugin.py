@@ -147,6 +147,8 @@ PHYSICAL = {"a0": "npu0", "a1": "npu0", "b0": "npu1", "b1": "npu1", "b2": "npu1"
         # fewer available than asked: all of them; an unknown device is a group of its own
         (["a0", "x9"], [], 5, ["a0", "x9"]),
         (["x9", "a0", "a1"], [], 2, ["a0", "a1"]),
+        # a must-include device the kubelet never offered is never answered (found in review)
+        (["a0", "a1"], ["bogus"], 2, ["a0", "a1"]),
     ],
 )
 def test_prefer_packs_onto_few_physical_npus(available, must, size, expected):

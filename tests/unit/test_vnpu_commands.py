@@ -171,3 +171,25 @@ def test_a_change_that_could_not_be_kept_says_so(topology, nodes):
 
 def test_vnpu_commands_need_the_filesystem(topology):
     assert execute(topology, "vnpu destroy davinci0", Log()) == "error: vnpu commands need the daemon's device files"
+
+
+def test_a_field_given_twice_is_refused_not_quietly_overridden(topology, nodes):
+    assert vnpu(topology, nodes, "create physical=npu0 memory=1GiB mode=0600 mode=0666") == (
+        "error: mode= given twice (usage: vnpu create physical=NPU memory=SIZE [cores=N] [role=R] [owner=U:G] "
+        "[mode=0660] [name=davinciN])"
+    )
+
+
+def test_vdevctl_refuses_a_value_that_would_be_read_as_more_words():
+    from click.testing import CliRunner
+
+    from tools.vdevctl import main
+
+    runner = CliRunner()
+    for args in (
+        ["vnpu", "create", "--physical", "npu0", "--memory", "1MiB", "--name", "davinci7 mode=0666"],
+        ["vnpu", "destroy", "davinci5 force"],
+        ["vnpu", "resize", "davinci0", "--memory", "1MiB cores=1"],
+    ):
+        result = runner.invoke(main, ["--mount", "/nonexistent", *args])
+        assert result.exit_code == 2 and "no spaces or '=' here" in result.output, result.output

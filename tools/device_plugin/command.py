@@ -10,8 +10,10 @@ import click
 
 from interposer import logs
 from tools import cdi
-from tools.daemon_files import read_status
+from tools.daemon_files import StatusReader
 from tools.device_plugin.plugin import KUBELET_DIR, RESOURCE, Plugin, PluginError
+
+STATUS_TIMEOUT_S = 2.0
 
 
 @click.command()
@@ -44,7 +46,9 @@ def command(mount: Path, kubelet_dir: Path, resource: str, poll: float, shim_hos
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    plugin = Plugin(lambda: read_status(mount), mount, kubelet_dir, resource, poll, shim_host_path)
+    # A hung daemon must not hang the plugin: its devices go Unhealthy and it still answers and stops.
+    status = StatusReader(mount, timeout=max(2 * poll, STATUS_TIMEOUT_S))
+    plugin = Plugin(status, mount, kubelet_dir, resource, poll, shim_host_path)
     try:
         plugin.run(stop)
     except PluginError as exc:

@@ -78,7 +78,7 @@ def prefer(available: Sequence[str], must_include: Sequence[str], size: int, phy
     """`size` of the `available` virtual NPUs, `must_include` among them, on as few physical NPUs as can be:
     first the physical NPUs the must-include ones are on, then those with the most free virtual NPUs (the least
     shared chips; ties by name). `physical` maps a virtual NPU to its physical one (unknown: its own group)."""
-    chosen = list(dict.fromkeys(must_include))
+    chosen = [name for name in dict.fromkeys(must_include) if name in set(available)]  # never one not offered
     groups: dict[str, list[str]] = {}
     for name in sorted(set(available) - set(chosen), key=node_key):
         groups.setdefault(physical.get(name, name), []).append(name)
