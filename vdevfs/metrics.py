@@ -1,10 +1,13 @@
-"""The daemon's Prometheus endpoint: `http://HOST:PORT/metrics`, served by hypercorn inside the daemon's trio loop.
+"""The daemon's Prometheus endpoint: `http://HOST:PORT/metrics`, served by hypercorn in a thread of its own.
 
-Every value is read from `Topology.status()` when Prometheus scrapes, never cached, in a registry of this
-daemon's own: virtual NPUs created or destroyed at run time appear and vanish with the next scrape. The scrape
-runs in the loop's thread, the only one that touches the daemon's state (prometheus_client's threaded server
-would read it mid-update). Utilisation is the daemon's own record of the kernels it dispatched: modeled device
-time, not a measurement of hardware. Fields of the status that an older daemon lacks read as 0 (up: 1).
+HTTP is handled off the daemon's event loop: anyone who can reach the port could otherwise slow every device
+client by flooding it (found in review: 900 scrapes/s made a client's 300 calls 40x slower, and 404s cost as
+much as scrapes). The values come from `Topology.status()`, which only the loop's thread may call (it reads state
+the loop changes): while someone scrapes, a task in the loop takes a snapshot at most every REFRESH_S and hands it
+over (`Snapshot`); a scrape answers with a snapshot no older than that, so the loop pays one status() per
+REFRESH_S whatever the request rate. Virtual NPUs created or destroyed at run time appear and vanish with the next
+snapshot. Utilisation is the daemon's own record of the kernels it dispatched: modeled device time, not a
+measurement of hardware. Fields of the status that an older daemon lacks read as 0 (up: 1).
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import threading
+import time
+from collections.abc import Callable
 
 import hypercorn.trio
 import structlog
+import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,12 +39,44 @@ class MetricsError(Exception):
     pass
 
 
+REFRESH_S = 0.5  # a scrape's values are at most this old; the daemon's loop takes one snapshot per this
+IDLE_S = 30.0  # no scrape for this long: no more snapshots until the next one
+WAIT_S = 5.0  # a scrape waits this long for a snapshot (the loop busy in a long numeric kernel), then 503s
+
+
+class Snapshot:
+    """The daemon's status, handed from its loop (`keep`) to the metrics thread (`get`)."""
+
+    def __init__(self) -> None:
+        self.status: dict | None = None
+        self.taken = float("-inf")
+        self.wanted = float("-inf")  # the last scrape's time: snapshots are taken only while someone scrapes
+        self.fresh = threading.Event()
+
+    def get(self) -> dict:
+        self.wanted = time.monotonic()
+        if time.monotonic() - self.taken > 2 * REFRESH_S:  # idle until now, or the loop is busy: wait for one
+            self.fresh.clear()
+            if not self.fresh.wait(WAIT_S):
+                raise TimeoutError(f"the daemon took no snapshot of its status within {WAIT_S:g} s")
+        assert self.status is not None
+        return self.status
+
+    async def keep(self, topology: Topology) -> None:
+        """In the daemon's loop: a snapshot every REFRESH_S while scrapes come."""
+        while True:
+            if time.monotonic() - self.wanted < IDLE_S:
+                self.status, self.taken = topology.status(), time.monotonic()
+                self.fresh.set()
+            await trio.sleep(REFRESH_S)
+
+
 class TopologyCollector(Collector):
-    def __init__(self, topology: Topology) -> None:
-        self._topology = topology
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self._status = status
 
     def collect(self):
-        status = self._topology.status()
+        status = self._status()
         physical, virtual = status["physical"], status["virtual"]
         yield from _npu_families(physical)
         yield from _vnpu_families(virtual, {p["name"]: p["cores"]["total"] for p in physical})
@@ -128,9 +167,9 @@ def _vnpu_families(virtual: list[dict], chip_cores: dict[str, int]):
     return info, used, quota, sessions, kernels, busy_s, limit
 
 
-def registry(topology: Topology) -> CollectorRegistry:
+def registry(status: Callable[[], dict]) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(TopologyCollector(topology))
+    reg.register(TopologyCollector(status))
     return reg
 
 
@@ -168,7 +207,12 @@ async def serve(topology: Topology, listener: socket.socket) -> None:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.errorlog.setLevel(logging.WARNING)
     log.info("metrics_serving", url=f"http://{_hostport(host, port)}/metrics")
-    await hypercorn.trio.serve(App(registry(topology)), config)
+    snapshot = Snapshot()
+    app = App(registry(snapshot.get))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snapshot.keep, topology)
+        # A daemon thread with a trio loop of its own; abandoned (with the process) when the daemon stops.
+        await trio.to_thread.run_sync(trio.run, hypercorn.trio.serve, app, config, abandon_on_cancel=True)
 
 
 class App:
@@ -183,10 +227,17 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
         elif scope["path"] == "/metrics":
-            await self._metrics(scope, receive, send)
+            try:
+                await self._metrics(scope, receive, send)
+            except TimeoutError as exc:  # the daemon's loop is busy: say so rather than hang the scraper
+                await _plain(send, 503, f"FlexNPU daemon: {exc}")
         else:
-            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"FlexNPU daemon: the metrics are at /metrics\n"})
+            await _plain(send, 404, "FlexNPU daemon: the metrics are at /metrics")
+
+
+async def _plain(send, status: int, text: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": text.encode() + b"\n"})
 
 
 def _hostport(host: str, port: int) -> str:

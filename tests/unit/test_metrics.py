@@ -70,7 +70,7 @@ def run_kernel(topology) -> Client:
 
 
 def test_the_exposition_is_the_topology_status_now(topology):
-    registry = metrics.registry(topology)
+    registry = metrics.registry(topology.status)
     idle = scrape(registry)
     assert idle["flexnpu_vnpu_memory_used_bytes{npu=npu0,vnpu=davinci0}"] == 0
     assert idle["flexnpu_vnpu_memory_quota_bytes{npu=npu0,vnpu=davinci0}"] == 1 << 30
@@ -104,7 +104,7 @@ def test_the_exposition_is_the_topology_status_now(topology):
 
 
 def test_virtual_npus_that_come_and_go_appear_and_vanish_at_the_next_scrape(topology):
-    registry = metrics.registry(topology)
+    registry = metrics.registry(topology.status)
     gone = topology.virtual.pop()
     m = scrape(registry)
     assert f"flexnpu_vnpu_memory_quota_bytes{{npu=npu1,vnpu={gone.name}}}" not in m
@@ -139,7 +139,7 @@ VIRTUAL = {"name": "davinci0", "physical": "npu0", "role": "any", "memory_used":
 
 
 def test_fields_an_older_status_lacks_read_as_zero_and_up():
-    m = scrape(metrics.registry(StatusOnly(PHYSICAL, [VIRTUAL])))
+    m = scrape(metrics.registry(StatusOnly(PHYSICAL, [VIRTUAL]).status))
     assert m["flexnpu_npu_up{npu=npu0}"] == 1
     assert m["flexnpu_vnpu_kernels_total{npu=npu0,vnpu=davinci0}"] == 0
     assert m["flexnpu_vnpu_busy_core_seconds_total{npu=npu0,vnpu=davinci0}"] == 0
@@ -155,7 +155,7 @@ def test_the_dispatch_records_and_the_core_cap_when_the_status_has_them():
     physical = PHYSICAL | {"up": False, "busy_core_seconds": {"prefill": 1.5, "decode": 0.5, "unknown": 0.25}}
     capped = VIRTUAL | {"cores": 6, "kernels": 7, "busy_core_seconds": 3.0, "sessions": [{}, {}]}
     whole = VIRTUAL | {"name": "davinci1", "cores": None}
-    m = scrape(metrics.registry(StatusOnly(physical, [capped, whole])))
+    m = scrape(metrics.registry(StatusOnly(physical, [capped, whole]).status))
     assert m["flexnpu_npu_up{npu=npu0}"] == 0
     assert m["flexnpu_npu_busy_core_seconds_total{npu=npu0,phase=prefill}"] == 1.5
     assert m["flexnpu_npu_busy_core_seconds_total{npu=npu0,phase=unknown}"] == 0.25
@@ -250,3 +250,39 @@ def test_the_option_wins_over_the_config(tmp_path):
         (tmp_path / "mnt").write_text("")
         result = mount(tmp_path, "--config", str(toml), "--metrics", "127.0.0.1:0")
     assert result.returncode == 2 and "metrics" not in result.stderr and str(tmp_path / "mnt") in result.stderr
+
+
+def test_scrapes_cost_the_daemons_loop_one_status_per_refresh_whatever_their_rate():
+    """HTTP runs in a thread of its own; the loop takes a snapshot every REFRESH_S while scrapes come (found in
+    review: a scrape flood in the loop made device clients 40x slower)."""
+
+    class Counting:
+        calls = 0
+
+        def status(self):
+            Counting.calls += 1
+            return {"physical": [], "virtual": []}
+
+    snapshot = metrics.Snapshot()
+    answers = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(snapshot.keep, Counting())
+
+            def scrape_a_lot():
+                for _ in range(200):
+                    answers.append(snapshot.get())
+
+            await trio.to_thread.run_sync(scrape_a_lot)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(answers) == 200 and all(a == {"physical": [], "virtual": []} for a in answers)
+    assert Counting.calls <= 3  # 200 scrapes in well under a second: one snapshot, maybe two
+
+
+def test_a_scrape_gives_up_when_the_loop_takes_no_snapshot(monkeypatch):
+    monkeypatch.setattr(metrics, "WAIT_S", 0.05)
+    with pytest.raises(TimeoutError, match="took no snapshot"):
+        metrics.Snapshot().get()
