@@ -228,6 +228,7 @@ class Plugin:
         self._registered: tuple[int, int, int] | None = None  # kubelet.sock's identity when Register succeeded
         self._unreadable: str | None = None  # the last reason the status could not be read, to log it once
         self._silent: tuple[int, int, int] | None = None  # a kubelet.sock that did not answer, to log it once
+        self._registering: tuple | None = None  # a Register call in flight: (future, channel, kubelet.sock identity)
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop` is set; then the socket is removed. Raises PluginError."""
@@ -287,17 +288,17 @@ class Plugin:
         self._server = self._serving = None
 
     def register(self) -> None:
-        """Register with the kubelet unless done with the kubelet.sock there now; a kubelet that does not answer
-        is tried again at the next poll."""
-        kubelet = identity(self.kubelet_dir / KUBELET_SOCKET)
-        if kubelet is None or kubelet == self._registered:
-            return
-        request = api_pb2.RegisterRequest(
-            version=API_VERSION, endpoint=self.socket.name, resource_name=self.resource, options=OPTIONS
-        )
-        with grpc.insecure_channel(f"unix://{self.kubelet_dir / KUBELET_SOCKET}") as channel:
+        """Register with the kubelet unless done with the kubelet.sock there now. The call runs while polls go
+        on (a kubelet that hangs must not hold back health updates: found in review) and is looked at by later
+        polls; a kubelet that does not answer is tried again."""
+        if self._registering is not None:
+            future, channel, kubelet = self._registering
+            if not future.done():
+                return
+            self._registering = None
+            channel.close()
             try:
-                api_pb2_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
+                future.result()
             except grpc.RpcError as exc:
                 if exc.code() in RETRY_REGISTER:
                     if kubelet != self._silent:
@@ -307,5 +308,15 @@ class Plugin:
                 raise PluginError(
                     f"the kubelet refused to register {self.resource}: {exc.details()} ({exc.code().name})"
                 ) from None
-        self._registered = kubelet
-        log.info("registered", resource=self.resource, endpoint=self.socket.name)
+            self._registered = kubelet
+            log.info("registered", resource=self.resource, endpoint=self.socket.name)
+            return
+        kubelet = identity(self.kubelet_dir / KUBELET_SOCKET)
+        if kubelet is None or kubelet == self._registered:
+            return
+        request = api_pb2.RegisterRequest(
+            version=API_VERSION, endpoint=self.socket.name, resource_name=self.resource, options=OPTIONS
+        )
+        channel = grpc.insecure_channel(f"unix://{self.kubelet_dir / KUBELET_SOCKET}")
+        future = api_pb2_grpc.RegistrationStub(channel).Register.future(request, timeout=REGISTER_TIMEOUT_S)
+        self._registering = (future, channel, kubelet)
