@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
-from tools.daemon_files import read_status
+from tools.daemon_files import StatusReader
 
 WINDOW_S = 60.0  # the averages of the physical NPUs' cores are over this much wall time of samples
 SPARK_POINTS = 12  # intervals drawn in a sparkline: the physical table fits 120 columns
@@ -200,32 +198,6 @@ class StatusWindow:
         return rows
 
 
-async def _in_daemon_thread(read: Callable[[], dict]) -> dict:
-    """`read()` in a daemon thread: a read stuck on a hung FUSE mount must neither freeze the view nor keep
-    the process from exiting (asyncio's own worker threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[dict] = loop.create_future()
-
-    def settle(result: dict | None, error: BaseException | None) -> None:
-        if done.done():  # the view quit meanwhile
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = read(), None
-        except BaseException as exc:  # handed to the awaiting task, which decides what it means
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="status-read", daemon=True).start()
-    return await done
-
-
 def _sync(table: DataTable, rows: dict[str, tuple[str, ...]]) -> None:
     """Make `table` show `rows` (by key), keeping the rows that stay where they are, and the scroll position."""
     for key in [k.value for k in table.rows if k.value not in rows]:
@@ -239,7 +211,8 @@ def _sync(table: DataTable, rows: dict[str, tuple[str, ...]]) -> None:
 
 
 class TopApp(App):
-    """The live view. `source()` returns the daemon's status (or raises click.ClickException); `clock()` is the
+    """The live view. `source()` returns the daemon's status or raises click.ClickException, within a bounded
+    time (a daemon_files.StatusReader: a read of a hung daemon's mount would block for good); `clock()` is the
     time the samples are taken at, in seconds."""
 
     TITLE = "vdevctl top"
@@ -292,7 +265,7 @@ class TopApp(App):
 
     async def read(self) -> None:
         try:
-            status = await _in_daemon_thread(self.source)
+            status = await asyncio.to_thread(self.source)
         except click.ClickException as exc:
             self.window.fail(exc.format_message(), self.clock())
         else:
@@ -320,4 +293,4 @@ def command(mount: Path, interval: float) -> None:
 
     q (or Ctrl-C) quits. The view keeps reading while the daemon is away and carries on when it is back.
     """
-    TopApp(mount, lambda: read_status(mount), interval=interval).run()
+    TopApp(mount, StatusReader(mount, timeout=max(interval, 1.0)), interval=interval).run()

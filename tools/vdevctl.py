@@ -159,7 +159,7 @@ def device_names(spec: str) -> list[str]:
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--mount",
-    type=click.Path(path_type=Path),
+    type=Path,  # not click.Path: it stats the path, and a stat of a hung daemon's mount never returns
     default=DEFAULT_MOUNT,
     envvar="FLEXNPU_MOUNT",
     show_default=True,
