@@ -60,7 +60,8 @@ from scheduler.stream import Phase
 BACKENDS = ("emulated", "pyacl")
 DEVICE_NAME = re.compile(r"davinci(0|[1-9][0-9]{0,3})")  # a device id names it: no leading zeros
 ROLES = {"any": Phase.UNKNOWN, "prefill": Phase.PREFILL, "decode": Phase.DECODE}
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+UNITS |= {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
 
 class ConfigError(Exception):
@@ -347,7 +348,8 @@ def _size(key: str, value: object) -> int:
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value) if isinstance(value, str) else None
     if match and match.group(2).upper() in UNITS and float(match.group(1)) * UNITS[match.group(2).upper()] >= 1:
         return int(float(match.group(1)) * UNITS[match.group(2).upper()])
-    raise ConfigError(key, value, "not a size: use bytes (an integer) or a number with KiB, MiB, GiB, KB, MB or GB")
+    units = "KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+    raise ConfigError(key, value, f"not a size: use bytes (an integer) or a number with {units}")
 
 
 def _owner(key: str, value: object) -> tuple[int, int]:

@@ -80,7 +80,8 @@ def test_create_makes_a_virtual_npu_with_the_lowest_free_name_and_its_node(topol
         ("create physical=npu9 memory=1GiB", "error: physical = 'npu9': no such [[physical]] NPU (have npu0, npu1)"),
         (
             "create physical=npu0 memory=lots",
-            "error: memory = 'lots': not a size: use bytes (an integer) or a number with KiB, MiB, GiB, KB, MB or GB",
+            "error: memory = 'lots': not a size: use bytes (an integer) or a number with KiB, MiB, GiB, TiB, KB, MB, "
+            "GB or TB",
         ),
         (
             "create physical=npu0 memory=100GiB",
