@@ -42,3 +42,15 @@ class Client:
         if reply.status != AclError.SUCCESS:
             return reply.status, bytes(reply.payload).decode()
         return reply.status, COMMANDS[op].reply.parse(reply.payload)
+
+    def ok(self, op: Op, data: bytes = b"", **args):
+        """A synchronous call that must succeed: its reply's fields."""
+        status, fields = self.call(op, data, **args)
+        assert status == AclError.SUCCESS, fields
+        return fields
+
+    def read(self, ptr: int, count: int) -> bytes:
+        """A blocking device-to-host copy that must succeed: the bytes."""
+        (reply,) = self.send(Op.MEMCPY_D2H, dst=0, src=ptr, count=count)
+        assert reply.status == AclError.SUCCESS, bytes(reply.payload)
+        return bytes(reply.payload)
