@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MOUNT ?= /dev/flexnpu
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench clib
 
-setup: $(STAMP)
+setup: $(STAMP) clib
 
 $(STAMP): setup.cfg pyproject.toml scripts/install-system-deps
 	scripts/install-system-deps
@@ -15,6 +15,10 @@ $(STAMP): setup.cfg pyproject.toml scripts/install-system-deps
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# libascendcl.so, the AscendCL C client (clib/Makefile says why a plain Makefile)
+clib: $(STAMP)
+	$(MAKE) -C clib PYTHON=$(abspath $(BIN)/python)
 
 run: setup
 	$(BIN)/vdevfsd mount $(MOUNT)

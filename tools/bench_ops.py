@@ -1,4 +1,5 @@
-"""`vdevctl bench ops`: operator launch cost through the daemon vs direct mode, eager vs graph replay.
+"""`vdevctl bench ops`: operator launch cost through the daemon vs direct mode, eager vs graph replay, for the
+Python client and the C client (libascendcl.so, clib/bench_client.c) alike.
 
 The device is an emulated 910B2 in timing mode with no clock (time_scale 0), so the chip never holds a launch
 back: every figure is the software path. Each launch is a small Add (float16[16]) on one stream.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from interposer.shim.flexnpu_client.runtime import Runtime
 from interposer.wire import COMMANDS, Op
-from tools import launch
+from tools import c_client, launch
 from workloads.tables import plain
 
 CONFIG = launch.one_npu_config("timing")
@@ -82,33 +83,45 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="flexnpu-bench-") as tmp:
         config = Path(tmp) / "bench.toml"
         config.write_text(CONFIG)
+        c_args = ["ops", str(launches), str(replays)]
         with launch.daemon(Path(tmp) / "dev", config):
-            daemon = _figures(Runtime(devices=[str(Path(tmp) / "dev" / "davinci0")]), launches, replays)
+            device = str(Path(tmp) / "dev" / "davinci0")
+            daemon = _figures(Runtime(devices=[device]), launches, replays)
+            c_daemon = c_client.run(c_args, device=device)
         direct = _figures(Runtime(direct=True, devices=["davinci0"], config=str(config)), launches, replays)
+        c_direct = c_client.run(c_args, config=config)
     overhead = daemon["eager_us_per_launch"] - direct["eager_us_per_launch"]
     return {
         "daemon": daemon,
         "direct": direct,
+        "c_daemon": c_daemon,
+        "c_direct": c_direct,
         "daemon_overhead_us_per_launch": overhead,
+        "c_daemon_overhead_us_per_launch": c_daemon["eager_us_per_launch"] - c_direct["eager_us_per_launch"],
         "targets": {"eager_launches_per_s": ">= 30000 through the daemon", "graph_records_per_replay": "1"},
     }
 
 
 def render(r: dict) -> str:
-    d, x = r["daemon"], r["direct"]
+    columns = [r["daemon"], r["direct"], r["c_daemon"], r["c_direct"]]
 
     def row(label: str, key: str, fmt: str, target: str = "") -> tuple[str, ...]:
-        return (label, format(d[key], fmt), format(x[key], fmt), target)
+        # the C client cannot count its records per replay (the library keeps them to itself)
+        return (label, *(format(c[key], fmt) if key in c else "-" for c in columns), target)
 
     table = plain(
         [
-            ("what", "daemon", "direct", "target"),
+            ("what", "Python: daemon", "Python: direct", "C: daemon", "C: direct", "target"),
             row("eager: client issue (us/launch)", "eager_issue_us_per_launch", ".2f"),
             row("eager: launch to completion (us/launch)", "eager_us_per_launch", ".2f"),
             row("eager: launches/s", "eager_launches_per_s", ",.0f", ">= 30,000"),
-            row(f"graph of {d['graph_ops']} ops: records per replay", "graph_records_per_replay", "d", "1"),
+            row(f"graph of {columns[0]['graph_ops']} ops: records per replay", "graph_records_per_replay", "d", "1"),
             row("graph: replay (us)", "graph_replay_us", ".0f"),
             row("graph: ops/s", "graph_ops_per_s", ",.0f"),
         ]
     )
-    return table + f"\ndaemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us"
+    return (
+        table
+        + f"\ndaemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us (Python), "
+        + f"{r['c_daemon_overhead_us_per_launch']:.2f} us (C)"
+    )

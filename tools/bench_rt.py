@@ -3,7 +3,9 @@
 - synchronous round trip: bare pyfuse3 echo (write+read) vs a virtual device file vs direct mode;
 - batched asynchronous submission, per record, client side (and through to the device);
 - memcpy H2D / D2H at 64 MiB through the device file and in direct mode (bare echo as the ceiling);
-- daemon RSS in timing mode while 60 GiB of device memory is allocated.
+- daemon RSS in timing mode while 60 GiB of device memory is allocated;
+- the C client (libascendcl.so, clib/bench_client.c): its round trip and asynchronous record cost, through the
+  device file (on the same CPU as the echo and the daemon) and in direct mode.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from interposer.shim.flexnpu_client.direct import DirectTransport
 from interposer.shim.flexnpu_client.runtime import DEVICE_TO_HOST, HOST_TO_DEVICE, Runtime
 from interposer.translate import Translator
 from interposer.wire import COMMANDS, Op
-from tools import launch
+from tools import c_client, launch
 from workloads.tables import plain
 
 CONFIG = """
@@ -208,6 +210,10 @@ def run(quick: bool = False) -> dict:
                     },
                     n,
                 )
+                # The C client runs in a process of its own, so it cannot interleave with the echo: the echo is
+                # measured again right after it, and the C figure's ratio is to that one.
+                c_file = c_client.run(["rt", str(n)], device=str(device_path))
+                c_file["echo_round_trip_us"] = _interleaved_us({"echo": _echo_round_trip(echo_fd)}, n)["echo"]
             echo = {"round_trip_us": rt["echo"]} | _echo_bandwidth(echo_fd, repeats)
             os.close(echo_fd)
             via_file = {"round_trip_us": rt["device_file"]} | _async_figures(file_client, batch)
@@ -216,14 +222,18 @@ def run(quick: bool = False) -> dict:
             rss = _timing_rss(tmp_path / "dev" / "davinci1", daemon.pid)
         direct = {"round_trip_us": rt["direct"]} | _async_figures(direct_client, batch)
         direct |= _memcpy(Runtime(direct=True, devices=["davinci0"], config=str(config_path)), repeats)
+        c_direct = c_client.run(["rt", str(n)], config=config_path)
     return {
         "echo": echo,
         "device_file": via_file,
         "direct": direct,
+        "c_device_file": c_file,
+        "c_direct": c_direct,
         "timing_rss": rss,
         "ratios": {
             "round_trip_vs_echo": via_file["round_trip_us"] / echo["round_trip_us"],
             "round_trip_vs_direct": via_file["round_trip_us"] / direct["round_trip_us"],
+            "c_round_trip_vs_echo": c_file["round_trip_us"] / c_file["echo_round_trip_us"],
         },
         "targets": {
             "round_trip_vs_echo": "<= 1.3",
@@ -248,12 +258,28 @@ def render(r: dict) -> str:
             "<= 1.3x echo",
         ),
         (
+            "C client: sync round trip (us)",
+            f"{r['c_device_file']['echo_round_trip_us']:.1f}",
+            f"{r['c_device_file']['round_trip_us']:.1f}",
+            f"{r['c_direct']['round_trip_us']:.1f}",
+            f"{r['ratios']['c_round_trip_vs_echo']:.2f}x",
+            "close to echo",
+        ),
+        (
             "async record, client encode (us)",
             "",
             f"{f['async_encode_us_per_record']:.2f}",
             f"{d['async_encode_us_per_record']:.2f}",
             "",
             "<= 10",
+        ),
+        (
+            "C client: async record, encode (us)",
+            "",
+            f"{r['c_device_file']['async_encode_us_per_record']:.2f}",
+            f"{r['c_direct']['async_encode_us_per_record']:.2f}",
+            "",
+            "",
         ),
         (
             "async record, sustained submit (us)",

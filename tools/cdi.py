@@ -33,6 +33,11 @@ from it. No FLEXNPU_* variable is needed: the shim finds the bound /dev/davinciN
 level: the one node, or for `all` every node. The same edits come from `container_edits`, which the kubelet
 device plugin also answers Allocate with for runtimes without CDI, so a container looks the same either way.
 
+C/C++ programs (`--c-lib-host-path`, e.g. `$(vdevctl shim --c-lib)/libascendcl.so`): the spec also binds FlexNPU's
+libascendcl.so read-only at C_LIB_IN_CONTAINER, in /usr/lib, which the dynamic loader searches with no
+LD_LIBRARY_PATH and no ld.so.cache entry, so a program linked with -lascendcl finds it, as on a CANN host. Opt-in:
+the library is built by `make setup`, which not every host that serves virtual NPUs has run.
+
 A spec is a snapshot of the daemon's virtual NPUs: regenerate it after `vdevctl vnpu create|destroy`.
 """
 
@@ -55,6 +60,7 @@ CDI_VERSION = "0.3.0"
 KIND = "flexnpu.io/npu"
 ALL = "all"  # the device that is every virtual NPU; node names are davinci<N> (config.py), so it cannot clash
 SHIM_IN_CONTAINER = "/opt/flexnpu-shim"  # where the README's `docker run -v` recipe binds the shim
+C_LIB_IN_CONTAINER = "/usr/lib/libascendcl.so"  # on the loader's default path
 # nosuid and nodev: flags a FUSE mount carries already, kept so a runtime in a user namespace may remount the bind.
 NODE_OPTIONS = ["bind", "nosuid", "nodev", "noexec"]
 SHIM_OPTIONS = ["bind", "ro", "nosuid", "nodev"]
@@ -64,10 +70,13 @@ def _bind(host: str | Path, container: str, options: list[str]) -> dict:
     return {"hostPath": str(host), "containerPath": container, "options": list(options)}
 
 
-def container_edits(status: dict, names: list[str], mount: Path, shim: Path = SHIM_PATH) -> dict:
+def container_edits(
+    status: dict, names: list[str], mount: Path, shim: Path = SHIM_PATH, c_lib: Path | None = None
+) -> dict:
     """The env and bind mounts that give a container the virtual NPUs `names` (node names, e.g. ["davinci2"]),
     in that order, of the daemon mounted at `mount` whose status is `status`; each node at /dev/<name>. `shim`:
-    the shim directory as the host sees it (this installation's, unless the caller runs in a container itself).
+    the shim directory as the host sees it (this installation's, unless the caller runs in a container itself);
+    `c_lib`: a libascendcl.so to bind too, as the host sees it.
 
     Raises ValueError for a name the daemon has no virtual NPU of, or one given twice."""
     have = [v["name"] for v in status["virtual"]]
@@ -78,19 +87,20 @@ def container_edits(status: dict, names: list[str], mount: Path, shim: Path = SH
             raise ValueError(f"{name}: given twice; a container gets each virtual NPU once")
     mount = mount.absolute()  # not resolve(): no stat of a mount whose daemon may hang
     nodes = [_bind(mount / name, f"/dev/{name}", NODE_OPTIONS) for name in (*names, *ANCILLARY)]
+    library = [_bind(c_lib, C_LIB_IN_CONTAINER, SHIM_OPTIONS)] if c_lib else []
     return {
         "env": [f"PYTHONPATH={SHIM_IN_CONTAINER}"],
-        "mounts": [*nodes, _bind(shim, SHIM_IN_CONTAINER, SHIM_OPTIONS)],
+        "mounts": [*nodes, _bind(shim, SHIM_IN_CONTAINER, SHIM_OPTIONS), *library],
     }
 
 
-def spec(status: dict, mount: Path, shim: Path = SHIM_PATH) -> dict:
+def spec(status: dict, mount: Path, shim: Path = SHIM_PATH, c_lib: Path | None = None) -> dict:
     """The CDI spec of every virtual NPU in `status`, one device per node and `all`: the edits `container_edits`
     gives, those every container needs at spec level and each device's own at device level."""
     names = [v["name"] for v in status["virtual"]]
     if not names:
         raise ValueError(f"the daemon at {mount} has no virtual NPUs: a CDI spec needs at least one device")
-    common = container_edits(status, [], mount, shim)
+    common = container_edits(status, [], mount, shim, c_lib)
 
     def own(chosen: list[str]) -> dict:
         mounts = container_edits(status, chosen, mount, shim)["mounts"]
@@ -126,8 +136,14 @@ def command() -> None:
     "[default: stdout]. Runtimes load *.json files from /etc/cdi and /var/run/cdi.",
 )
 @SHIM_OPTION
+@click.option(
+    "--c-lib-host-path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also bind this libascendcl.so (FlexNPU's: $(vdevctl shim --c-lib)/libascendcl.so) at "
+    f"{C_LIB_IN_CONTAINER}, for C/C++ programs.",
+)
 @click.pass_obj
-def generate(mount: Path, output, shim_host_path: Path) -> None:
+def generate(mount: Path, output, shim_host_path: Path, c_lib_host_path: Path | None) -> None:
     """Write a CDI spec (JSON) for the running daemon's virtual NPUs.
 
     Each device binds its node at /dev/davinciN with the ancillary nodes, binds the pyACL shim at
@@ -137,7 +153,7 @@ def generate(mount: Path, output, shim_host_path: Path) -> None:
     Example: vdevctl cdi generate -o /var/run/cdi/flexnpu.json; podman run --device flexnpu.io/npu=davinci2 ...
     """
     try:
-        document = spec(read_status(mount), mount, shim_host_path)
+        document = spec(read_status(mount), mount, shim_host_path, c_lib_host_path)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     output.write(json.dumps(document, indent=2) + "\n")

@@ -13,7 +13,7 @@ import click
 
 from interposer import logs
 from interposer.shim.flexnpu_client.devices import bound_nodes
-from interposer.shim_env import SHIM_PATH, shim_env
+from interposer.shim_env import C_INCLUDE_PATH, C_LIB_PATH, SHIM_PATH, shim_env
 from tools import coverage
 from tools.daemon_files import read_status, send_command
 from workloads.tables import boxed, plain
@@ -262,23 +262,31 @@ def vnpu_destroy(mount: Path, name: str, force: bool) -> None:
 @click.option("--direct", is_flag=True, help="No daemon: run the emulated NPUs in the program's own process.")
 @click.option("--config", type=click.Path(exists=True), help="Topology for --direct (default: built in).")
 @click.option("--phase", type=click.Choice(["prefill", "decode"]), help="Declare the program's LLM phase.")
+@click.option(
+    "--preload",
+    is_flag=True,
+    help="Also LD_PRELOAD FlexNPU's libascendcl.so: for a binary whose vendor library path is baked in (RPATH).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run(mount: Path, devices: str | None, direct: bool, config: str | None, phase: str | None, command) -> None:
-    """Run COMMAND with pyACL (`import acl`) forwarded to virtual NPUs.
+def run(
+    mount: Path, devices: str | None, direct: bool, config: str | None, phase: str | None, preload: bool, command
+) -> None:
+    """Run COMMAND with pyACL (`import acl`) and the AscendCL C API (libascendcl.so) forwarded to virtual NPUs.
 
     COMMAND runs as given, with the shim first on PYTHONPATH: `python` is whichever interpreter PATH finds
-    first (any Python 3.11+ will do, the shim needs only the standard library). Inside a container, where no
-    daemon status file is, the devices are the bound FlexNPU nodes (/dev/davinciN), found as the shim finds
-    them.
+    first (any Python 3.11+ will do, the shim needs only the standard library). A C/C++ program linked against
+    libascendcl.so finds FlexNPU's first on LD_LIBRARY_PATH (see `vdevctl shim --c-lib`). Inside a container,
+    where no daemon status file is, the devices are the bound FlexNPU nodes (/dev/davinciN), found as the shim
+    finds them.
 
     Example: vdevctl run --devices 2,3 -- python infer.py
     """
     if direct:
         names = device_names(devices) if devices else None
-        env = shim_env(names, mount, direct=True, config=config, phase=phase)
+        env = shim_env(names, mount, direct=True, config=config, phase=phase, preload=preload)
     else:
-        env = shim_env(_device_files(mount, devices), mount, phase=phase)
+        env = shim_env(_device_files(mount, devices), mount, phase=phase, preload=preload)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:
@@ -305,11 +313,20 @@ def _device_files(mount: Path, devices: str | None) -> list[str]:
 @main.command()
 @click.option("--path", "show_path", is_flag=True, help="Print the directory to bind-mount and put on PYTHONPATH.")
 @click.option("--coverage", "show_coverage", is_flag=True, help="Print the API coverage table (Markdown).")
-def shim(show_path: bool, show_coverage: bool) -> None:
-    """The `acl` shim: where it is, and which pyACL calls it implements."""
+@click.option("--c-include", "show_include", is_flag=True, help="Print the directory holding acl/acl.h (for -I).")
+@click.option("--c-lib", "show_lib", is_flag=True, help="Print the directory holding libascendcl.so (for -L).")
+def shim(show_path: bool, show_coverage: bool, show_include: bool, show_lib: bool) -> None:
+    """The `acl` shim: where it is, and which pyACL calls it implements; where the C API's headers and library
+    are (gcc prog.c -I$(vdevctl shim --c-include) -L$(vdevctl shim --c-lib) -lascendcl)."""
     if show_coverage:
         click.echo(coverage.table(SHIM_PATH), nl=False)
-    if show_path or not show_coverage:
+    if show_include:
+        click.echo(C_INCLUDE_PATH)
+    if show_lib:
+        if not (Path(C_LIB_PATH) / "libascendcl.so").exists():
+            raise click.ClickException(f"{C_LIB_PATH}/libascendcl.so is not built: run `make -C clib` (or make setup)")
+        click.echo(C_LIB_PATH)
+    if show_path or not (show_coverage or show_include or show_lib):
         click.echo(SHIM_PATH)
 
 
