@@ -104,6 +104,9 @@ class Config:
     daemon_buffer: int = 512 << 20
     metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None: not served
     source: str = field(default="built-in default")
+    processes: str = "per-npu"  # "per-npu": a process serves each physical NPU (vdevfs/npus.py); "one": vdevfsd all
+    watchdog_s: float = 30.0  # an NPU process that answers nothing this long is killed and restarted
+    process_memory: int | None = None  # RSS over which an NPU process is killed and restarted; None: no limit
 
 
 def default_config() -> Config:
@@ -132,7 +135,20 @@ def parse(raw: dict) -> Config:
     daemon = raw.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon", daemon, "must be a table ([daemon])")
-    _only(daemon, "daemon.", {"time_scale", "policy", "session_buffer", "daemon_buffer", "metrics"})
+    _only(
+        daemon,
+        "daemon.",
+        {
+            "time_scale",
+            "policy",
+            "session_buffer",
+            "daemon_buffer",
+            "metrics",
+            "processes",
+            "watchdog_s",
+            "process_memory",
+        },
+    )
     time_scale = daemon.get("time_scale", 1.0)
     if (
         not isinstance(time_scale, int | float)
@@ -169,8 +185,25 @@ def parse(raw: dict) -> Config:
         raise ConfigError("daemon.metrics", daemon["metrics"], str(exc)) from None
     config = Config(physical, virtual, float(time_scale), policy, policy_options, session_buffer, daemon_buffer)
     config.metrics = metrics
+    _processes(daemon, config)
     _check_quotas(config)
     return config
+
+
+def _processes(daemon: dict, config: Config) -> None:
+    """[daemon] processes, watchdog_s, process_memory: how vdevfsd runs and supervises its NPU processes."""
+    processes = daemon.get("processes", config.processes)
+    if processes not in ("per-npu", "one"):
+        raise ConfigError(
+            "daemon.processes", processes, 'must be "per-npu" (a process per physical NPU) or "one" (vdevfsd alone)'
+        )
+    config.processes = processes
+    watchdog = daemon.get("watchdog_s", config.watchdog_s)
+    if not isinstance(watchdog, int | float) or isinstance(watchdog, bool) or not 1 <= watchdog <= 3600:
+        raise ConfigError("daemon.watchdog_s", watchdog, "must be a number of seconds from 1 to 3600")
+    config.watchdog_s = float(watchdog)
+    if "process_memory" in daemon:
+        config.process_memory = _size("daemon.process_memory", daemon["process_memory"])
 
 
 def address(value: object) -> tuple[str, int]:
@@ -187,8 +220,9 @@ def address(value: object) -> tuple[str, int]:
     return host, int(port)
 
 
-def build(config: Config, driver: str = "trio") -> Topology:
-    """Instantiate the devices. driver: "trio" for the daemon, "sync" for direct mode in the caller's thread."""
+def build(config: Config, driver: str = "trio", indices: dict[str, int] | None = None) -> Topology:
+    """Instantiate the devices. driver: "trio" for the daemon, "sync" for direct mode in the caller's thread;
+    `indices`: each virtual NPU's address span, as the daemon numbered them (an NPU process holds a few of them)."""
     runner_cls: type[Runner] = TrioRunner if driver == "trio" else SyncRunner
     units = {}
     for spec in config.physical:
@@ -202,7 +236,7 @@ def build(config: Config, driver: str = "trio") -> Topology:
         quota = spec.memory if spec.memory is not None else _even_share(config, spec.physical, unit)
         node = {"uid": spec.uid, "gid": spec.gid, "mode": spec.mode, "cores": spec.cores}
         try:
-            topology.add(spec.name, spec.physical, quota, spec.role, **node)
+            topology.add(spec.name, spec.physical, quota, spec.role, (indices or {}).get(spec.name), **node)
         except ValueError as exc:
             raise ConfigError(f"virtual[{i}]", spec.name, str(exc)) from None
     return topology

@@ -82,7 +82,7 @@ class IpcRegistry:
             )
         if flags & ~IMPORT_ENABLE_PEER_ACCESS:
             raise InvalidParam(f"ipc_mem_import_by_key flags {flags}: only 0 and 1 (enable peer access) exist")
-        if export.physical is not physical and not flags & IMPORT_ENABLE_PEER_ACCESS:
+        if export.physical != physical and not flags & IMPORT_ENABLE_PEER_ACCESS:
             raise InvalidParam(
                 "ipc_mem_import_by_key: the memory is on another physical NPU; import it with "
                 "ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS (1), then copy it device to device",

@@ -95,9 +95,12 @@ class Topology:
     policy_options: dict[str, dict] = field(default_factory=dict)  # [policy.<name>]: at start and on a switch
     ipc: IpcRegistry = field(default_factory=IpcRegistry)  # IPC keys are the daemon's: any vNPU may import one
 
-    def add(self, name: str, physical: str, memory: int, role: Phase = Phase.UNKNOWN, **node) -> VirtualNPU:
-        """A new virtual NPU (`node`: uid, gid, mode, cores). ValueError naming what is wrong, and nothing
-        changed, where it cannot be."""
+    def add(
+        self, name: str, physical: str, memory: int, role: Phase = Phase.UNKNOWN, index: int | None = None, **node
+    ) -> VirtualNPU:
+        """A new virtual NPU (`node`: uid, gid, mode, cores); `index` (its device addresses' span) as an NPU
+        process is told it, else the lowest free. ValueError naming what is wrong, and nothing changed, where
+        it cannot be."""
         if any(v.name == name for v in self.virtual):
             raise ValueError(f"{name}: a virtual NPU of that name exists")
         units = {p.name: p for p in self.physical}
@@ -109,7 +112,10 @@ class Topology:
         if cores is not None:
             check_cores(cores, unit.npu.profile.ai_cores)
         taken = {v.index for v in self.virtual}
-        index = next(i for i in range(len(taken) + 1) if i not in taken)  # its device addresses' span
+        if index is None:
+            index = next(i for i in range(len(taken) + 1) if i not in taken)
+        elif index in taken:
+            raise ValueError(f"{name}: address span {index} is another virtual NPU's")
         vdev = VirtualNPU(index, name, unit, memory, role, ipc=self.ipc, **node)
         vdev.resize(cores=cores)
         self.virtual.append(vdev)

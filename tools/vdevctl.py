@@ -61,6 +61,17 @@ def policy_label(physical: dict) -> str:
     return f"{physical['policy']} ({', '.join(state)})" if state else physical["policy"]
 
 
+def process_label(physical: dict) -> str:
+    """The process serving a physical NPU: `pid 4242`, `pid 4242, 2 restarts`, `down (restarting)`, or `vdevfsd`
+    for a daemon serving every NPU itself ([daemon] processes = "one")."""
+    if "pid" not in physical:
+        return "vdevfsd"
+    if not physical["up"]:
+        return "down (restarting)"
+    restarts = physical.get("restarts", 0)
+    return f"pid {physical['pid']}" + (f", {restarts} restart{'s' * (restarts != 1)}" if restarts else "")
+
+
 def stream_phases(session: dict) -> str:
     """Each stream's phase and where it came from, alike ones counted: `prefill (operator), unknown ×2`."""
     labels = Counter(
@@ -118,6 +129,7 @@ def render(status: dict) -> str:
                     "Memory used / total",
                     "Running",
                     "Queued",
+                    "Process",
                 )
             ]
             + [
@@ -130,6 +142,7 @@ def render(status: dict) -> str:
                     f"{human(p['memory_used'])} / {human(p['memory_total'])}",
                     str(p["running"]),
                     str(p["queued"]),
+                    process_label(p),
                 )
                 for p in status["physical"]
             ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 
@@ -35,3 +36,11 @@ def visible_status(status: dict, visible: set[str]) -> dict:
     virtual = [v for v in status["virtual"] if v["name"] in visible]
     backing = {v["physical"] for v in virtual}
     return status | {"virtual": virtual, "physical": [p for p in status["physical"] if p["name"] in backing]}
+
+
+def status_file(status: dict, virtual: list[VirtualNPU], uid: int, gid: int) -> bytes:
+    """The status file's bytes as `uid` sees them: only the virtual NPUs they may open, and their sessions."""
+    if uid != 0:
+        member_of = groups(uid, gid)
+        status = visible_status(status, {v.name for v in virtual if may_open(v, uid, member_of)})
+    return json.dumps(status, indent=1).encode() + b"\n"

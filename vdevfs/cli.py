@@ -13,7 +13,6 @@ from interposer import config as configuration
 from interposer import logs
 from vdevfs import state
 from vdevfs.daemon import MountError, serve, unmount
-from vdevfs.limits import BufferLimits
 from vdevfs.metrics import MetricsError
 
 log = structlog.get_logger()
@@ -22,9 +21,11 @@ log = structlog.get_logger()
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 @click.option("--log-json/--log-console", default=None, help="Log format (default: JSON unless on a terminal).")
-def main(log_level: str, log_json: bool | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_json: bool | None) -> None:
     """FlexNPU daemon: virtual /dev/davinci* device files backed by (emulated) Ascend NPUs."""
     logs.configure(log_level, json=log_json)
+    ctx.obj = {"log_level": log_level, "log_json": log_json}  # NPU processes log the same way
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -49,7 +50,14 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> t
     type=click.Path(path_type=Path, dir_okay=False),
     help="Where run-time changes to virtual NPUs are kept (default: beside the config; see vdevfs/state.py).",
 )
-def mount(mountpoint: Path, config_path: Path | None, metrics: tuple[str, int] | None, state_path: Path | None) -> None:
+@click.pass_context
+def mount(
+    ctx: click.Context,
+    mountpoint: Path,
+    config_path: Path | None,
+    metrics: tuple[str, int] | None,
+    state_path: Path | None,
+) -> None:
     """Mount the device files at MOUNTPOINT and serve them until SIGINT/SIGTERM."""
     state_path = state_path or state.default_path(config_path, mountpoint)
     loaded = False
@@ -59,15 +67,14 @@ def mount(mountpoint: Path, config_path: Path | None, metrics: tuple[str, int] |
         loaded = state.load(state_path, cfg)
         if loaded:
             log.info("state_loaded", state=str(state_path), virtual=[v.name for v in cfg.virtual])
-        topology = configuration.build(cfg)
+        configuration.build(cfg)  # checked here, to exit with the error before mounting
     except configuration.ConfigError as exc:
         if loaded:  # the state's virtual NPUs, checked one by one, do not fit together or on the chips
             exc = configuration.ConfigError("state", str(state_path), f"{exc.detail}; delete it to start afresh")
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)
-    limits = BufferLimits(cfg.session_buffer, cfg.daemon_buffer)
     try:
-        trio.run(serve, topology, mountpoint, cfg.source, limits, metrics or cfg.metrics, keeper)
+        trio.run(serve, cfg, mountpoint, metrics or cfg.metrics, keeper, (ctx.obj["log_level"], ctx.obj["log_json"]))
     except (MountError, MetricsError) as exc:
         click.echo(f"vdevfsd: {exc}", err=True)
         sys.exit(2)

@@ -32,6 +32,7 @@ USAGE = {
 MAX_COMMAND = 1024  # bytes: a command is a few words
 FIELD = re.compile(r"([a-z]+)=(\S+)")
 CREATE_FIELDS = {"physical", "memory", "cores", "role", "owner", "mode", "name"}
+INTERNAL = "index"  # the address span vdevfsd numbered for a virtual NPU it has an NPU process make
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -97,11 +98,11 @@ def _vnpu(topology: Topology, words: list[str], log: Log, nodes: Nodes | None) -
         return f"error: {exc}"
 
 
-def _fields(words: list[str], allowed: set[str], usage: str) -> dict[str, str]:
+def _fields(words: list[str], allowed: set[str], usage: str, internal: str | None = None) -> dict[str, str]:
     fields = {}
     for word in words:
         match = FIELD.fullmatch(word)
-        if match is None or match.group(1) not in allowed:
+        if match is None or match.group(1) not in allowed | {internal}:
             raise ValueError(f"{word}: not one of {', '.join(f'{k}=' for k in sorted(allowed))} (usage: {usage})")
         if match.group(1) in fields:  # the later one must not quietly win (a value with a space in it, say)
             raise ValueError(f"{match.group(1)}= given twice (usage: {usage})")
@@ -111,7 +112,7 @@ def _fields(words: list[str], allowed: set[str], usage: str) -> dict[str, str]:
 
 def _numbers(fields: dict[str, str]) -> dict[str, object]:
     """A command's words are strings; a table's sizes and cores may be integers (as TOML gives them)."""
-    return {k: int(v) if k in ("memory", "cores") and v.isdigit() else v for k, v in fields.items()}
+    return {k: int(v) if k in ("memory", "cores", "index") and v.isdigit() else v for k, v in fields.items()}
 
 
 def _find(topology: Topology, name: str) -> VirtualNPU:
@@ -122,15 +123,18 @@ def _find(topology: Topology, name: str) -> VirtualNPU:
 
 
 def _create(topology: Topology, words: list[str], log: Log, nodes: Nodes) -> str:
-    fields = _numbers(_fields(words, CREATE_FIELDS, USAGE["vnpu create"]))
+    fields = _numbers(_fields(words, CREATE_FIELDS, USAGE["vnpu create"], internal=INTERNAL))
     for key in ("physical", "memory"):
         if key not in fields:
             raise ValueError(f"{key}= is needed (usage: {USAGE['vnpu create']})")
     taken = {v.name for v in topology.virtual}
     fields.setdefault("name", next(f"davinci{i}" for i in range(len(taken) + 1) if f"davinci{i}" not in taken))
+    index = fields.pop("index", None)
+    if index is not None and not isinstance(index, int):
+        raise ValueError(f"index={index}: not a number")
     spec = config.virtual_spec(fields, {p.name for p in topology.physical})
     node = {"uid": spec.uid, "gid": spec.gid, "mode": spec.mode, "cores": spec.cores}
-    vdev = topology.add(spec.name, spec.physical, spec.memory, spec.role, **node)
+    vdev = topology.add(spec.name, spec.physical, spec.memory, spec.role, index, **node)
     nodes.add_node(vdev)
     log.info("vnpu_created", vnpu=vdev.name, physical=spec.physical, memory=spec.memory, cores=spec.cores)
     return _kept(f"ok: {vdev.name}", nodes)

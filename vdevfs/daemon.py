@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
 import structlog
 import trio
 
-from interposer.topology import Topology
+from interposer import config as configuration
+from interposer.config import Config
 from vdevfs import metrics, state
 from vdevfs.channel import Channel
+from vdevfs.front import FrontFS
 from vdevfs.fs import STATUS_NAME, DeviceFS
 from vdevfs.limits import BufferLimits, keep_pieces_in_the_heap
+from vdevfs.npus import Npus
 
 log = structlog.get_logger()
 
@@ -76,24 +81,10 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: cannot create the mount point: {exc.strerror}") from None
 
 
-async def serve(
-    topology: Topology,
-    mountpoint: Path,
-    config_source: str,
-    limits: BufferLimits,
-    metrics_address: tuple[str, int] | None = None,
-    keeper: state.Keeper | None = None,
-) -> None:
-    """Serve until a signal; MountError or metrics.MetricsError (a bad `metrics_address`) before mounting.
-    Run-time changes to virtual NPUs are kept by `keeper` (vdevfs/state.py)."""
-    listener = metrics.listen(metrics_address) if metrics_address else None
-    prepare_mountpoint(mountpoint)
-    keep_pieces_in_the_heap()
-    info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": config_source}
-    fs = DeviceFS(topology, info, limits)
-    if keeper is not None:
-        fs.on_change = functools.partial(keeper.save, topology)
-    options = set(pyfuse3.default_options) | {"fsname=flexnpu", "subtype=flexnpu", "allow_other"}
+@contextlib.asynccontextmanager
+async def mounted(fs: pyfuse3.Operations, mountpoint: Path, fsname: str) -> AsyncIterator[None]:
+    """`fs` mounted at `mountpoint` for the block; its open channels closed and the mount gone after it."""
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=flexnpu", "allow_other"}
     try:
         pyfuse3.init(fs, str(mountpoint), options)
     except RuntimeError as exc:  # libfuse reports its failures (no /dev/fuse, not permitted) this way
@@ -101,29 +92,62 @@ async def serve(
             f"{mountpoint}: cannot mount ({exc}); FUSE needs /dev/fuse, the fuse3 package, and root "
             "(or user_allow_other in /etc/fuse.conf) for allow_other"
         ) from None
-    log.info(
-        "mounted",
-        mountpoint=str(mountpoint),
-        devices=[v.name for v in topology.virtual],
-        physical=[f"{p.name}:{p.npu.profile.name}:{p.npu.mode}" for p in topology.physical],
-        config=config_source,
-    )
     try:
-        async with trio.open_nursery() as nursery:
-            fs.spawn = nursery.start_soon
-            for unit in topology.physical:
-                nursery.start_soon(unit.runner.run)
-            nursery.start_soon(_terminate_on_signal)
-            if listener is not None:
-                nursery.start_soon(metrics.serve, topology, listener)
-            await pyfuse3.main(max_tasks=FUSE_WORKERS)
-            nursery.cancel_scope.cancel()
+        yield
     finally:
         for channel in list(fs.open_files.values()):
             if isinstance(channel, Channel):
                 channel.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted", mountpoint=str(mountpoint))
+
+
+async def serve(
+    cfg: Config,
+    mountpoint: Path,
+    metrics_address: tuple[str, int] | None = None,
+    keeper: state.Keeper | None = None,
+    log_settings: tuple[str, bool | None] = ("info", None),
+) -> None:
+    """Serve until a signal; MountError or metrics.MetricsError (a bad `metrics_address`) before mounting.
+    Run-time changes to virtual NPUs are kept by `keeper` (vdevfs/state.py). With `processes = "per-npu"`
+    (the default) each physical NPU is served by a process of its own (vdevfs/npus.py), else by this one."""
+    topology = configuration.build(cfg)
+    listener = metrics.listen(metrics_address) if metrics_address else None
+    prepare_mountpoint(mountpoint)
+    keep_pieces_in_the_heap()
+    info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "config": cfg.source, "processes": cfg.processes}
+    limits = BufferLimits(cfg.session_buffer, cfg.daemon_buffer)
+    if cfg.processes == "per-npu":
+        supervisor = Npus(cfg, topology, mountpoint, keeper, log_settings)
+        fs: DeviceFS | FrontFS = FrontFS(supervisor, info, limits)
+        status = supervisor.status
+    else:
+        fs = DeviceFS(topology, info, limits)
+        if keeper is not None:
+            fs.on_change = functools.partial(keeper.save, topology)
+        status = fs.status_async
+    async with mounted(fs, mountpoint, "flexnpu"):
+        log.info(
+            "mounted",
+            mountpoint=str(mountpoint),
+            devices=[v.name for v in topology.virtual],
+            physical=[f"{p.name}:{p.npu.profile.name}:{p.npu.mode}" for p in topology.physical],
+            config=cfg.source,
+            processes=cfg.processes,
+        )
+        async with trio.open_nursery() as nursery:
+            fs.spawn = nursery.start_soon
+            if cfg.processes == "per-npu":
+                nursery.start_soon(supervisor.run)  # its processes mount inside this mount: serve it first
+            else:
+                for unit in topology.physical:
+                    nursery.start_soon(unit.runner.run)
+            nursery.start_soon(_terminate_on_signal)
+            if listener is not None:
+                nursery.start_soon(metrics.serve, status, listener)
+            await pyfuse3.main(max_tasks=FUSE_WORKERS)
+            nursery.cancel_scope.cancel()
 
 
 async def _terminate_on_signal() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import select
 import stat
@@ -263,16 +262,14 @@ class DeviceFS(pyfuse3.Operations):
             self.changed()
         return self._attr(inode)
 
+    def status(self) -> dict:
+        """The whole status: the daemon (or NPU process) and its NPUs."""
+        daemon = {**self.info, "uptime_s": round(time.time() - self.started, 1), "buffers": self.limits.status()}
+        return {"daemon": daemon | self.tenants.status()} | self.topology.status()
+
+    async def status_async(self) -> dict:
+        return self.status()
+
     def status_bytes(self, uid: int, gid: int) -> bytes:
         """The status file as the requester sees it: only the virtual NPUs they may open, and their sessions."""
-        status = {
-            "daemon": {**self.info, "uptime_s": round(time.time() - self.started, 1), "buffers": self.limits.status()}
-            | self.tenants.status()
-        }
-        status |= self.topology.status()
-        if uid != 0:
-            member_of = access.groups(uid, gid)
-            status = access.visible_status(
-                status, {v.name for v in self.topology.virtual if access.may_open(v, uid, member_of)}
-            )
-        return json.dumps(status, indent=1).encode() + b"\n"
+        return access.status_file(self.status(), self.topology.virtual, uid, gid)

@@ -2,12 +2,13 @@
 
 HTTP is handled off the daemon's event loop: anyone who can reach the port could otherwise slow every device
 client by flooding it (found in review: 900 scrapes/s made a client's 300 calls 40x slower, and 404s cost as
-much as scrapes). The values come from `Topology.status()`, which only the loop's thread may call (it reads state
-the loop changes): while someone scrapes, a task in the loop takes a snapshot at most every REFRESH_S and hands it
-over (`Snapshot`); a scrape answers with a snapshot no older than that, so the loop pays one status() per
-REFRESH_S whatever the request rate. Virtual NPUs created or destroyed at run time appear and vanish with the next
-snapshot. Utilisation is the daemon's own record of the kernels it dispatched: modeled device time, not a
-measurement of hardware. Fields of the status that an older daemon lacks read as 0 (up: 1).
+much as scrapes). The values come from the daemon's status (its NPU processes asked, or `Topology.status()`),
+which only the loop's thread may take (it reads state the loop changes): while someone scrapes, a task in the loop
+takes a snapshot at most every REFRESH_S and hands it over (`Snapshot`); a scrape answers with a snapshot no older
+than that, so the loop pays one status per REFRESH_S whatever the request rate. Virtual NPUs created or destroyed
+at run time appear and vanish with the next snapshot. Utilisation is the daemon's own record of the kernels it
+dispatched: modeled device time, not a measurement of hardware. Fields of the status that an older daemon lacks
+read as 0 (up: 1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import hypercorn.trio
 import structlog
@@ -26,8 +27,6 @@ from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from interposer.topology import Topology
 
 log = structlog.get_logger()
 
@@ -62,11 +61,11 @@ class Snapshot:
         assert self.status is not None
         return self.status
 
-    async def keep(self, topology: Topology) -> None:
+    async def keep(self, status: Callable[[], Awaitable[dict]]) -> None:
         """In the daemon's loop: a snapshot every REFRESH_S while scrapes come."""
         while True:
             if time.monotonic() - self.wanted < IDLE_S:
-                self.status, self.taken = topology.status(), time.monotonic()
+                self.status, self.taken = await status(), time.monotonic()
                 self.fresh.set()
             await trio.sleep(REFRESH_S)
 
@@ -198,8 +197,8 @@ def _why(exc: OSError, host: str, port: int) -> str:
     }.get(exc.errno, f"cannot listen there ({exc.strerror}); choose another HOST:PORT")
 
 
-async def serve(topology: Topology, listener: socket.socket) -> None:
-    """Serve `topology`'s metrics on `listener` (from `listen`) until cancelled."""
+async def serve(status: Callable[[], Awaitable[dict]], listener: socket.socket) -> None:
+    """Serve the metrics of the daemon's `status` on `listener` (from `listen`) until cancelled."""
     config = HypercornConfig()
     host, port = listener.getsockname()[:2]
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here on
@@ -210,7 +209,7 @@ async def serve(topology: Topology, listener: socket.socket) -> None:
     snapshot = Snapshot()
     app = App(registry(snapshot.get))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(snapshot.keep, topology)
+        nursery.start_soon(snapshot.keep, status)
         # A daemon thread with a trio loop of its own; abandoned (with the process) when the daemon stops.
         await trio.to_thread.run_sync(trio.run, hypercorn.trio.serve, app, config, abandon_on_cancel=True)
 

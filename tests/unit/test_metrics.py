@@ -169,9 +169,13 @@ def test_the_dispatch_records_and_the_core_cap_when_the_status_has_them():
 async def test_serve_answers_metrics_at_slash_metrics_on_the_socket_listen_bound(topology):
     listener = metrics.listen(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    async def status() -> dict:
+        return topology.status()
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(metrics.serve, topology, listener)
+            nursery.start_soon(metrics.serve, status, listener)
             async with httpx.AsyncClient(base_url=url) as client:
                 ok, other = await client.get("/metrics"), await client.get("/")
             nursery.cancel_scope.cancel()
@@ -259,7 +263,7 @@ def test_scrapes_cost_the_daemons_loop_one_status_per_refresh_whatever_their_rat
     class Counting:
         calls = 0
 
-        def status(self):
+        async def status(self):
             Counting.calls += 1
             return {"physical": [], "virtual": []}
 
@@ -268,7 +272,7 @@ def test_scrapes_cost_the_daemons_loop_one_status_per_refresh_whatever_their_rat
 
     async def main():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(snapshot.keep, Counting())
+            nursery.start_soon(snapshot.keep, Counting().status)
 
             def scrape_a_lot():
                 for _ in range(200):

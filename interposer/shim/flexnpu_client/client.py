@@ -7,6 +7,7 @@ baseline, in direct.py). Both carry the same frames.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -44,9 +45,18 @@ class Transport(Protocol):
 class FileTransport:
     def __init__(self, path: str) -> None:
         self.path = path
+        # Which physical NPU's process serves it: vdevfsd's davinciN links into .npu/<npu>/ (vdevfs/front.py).
+        served = os.path.realpath(path).split(os.sep)
+        self.npu = served[-2] if len(served) > 2 and served[-3] == ".npu" else None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.ENODEV and self.npu:
+                raise AclCallError(
+                    f"{path}: its physical NPU's process ({self.npu}) is restarting; try again in a few seconds "
+                    "(see `vdevctl ls`)",
+                    AclError.RT_NO_DEVICE,
+                ) from None
             if exc.errno in SESSIONS_FULL:
                 raise AclCallError(
                     f"{path}: the daemon refused a new session ({exc.strerror}): "
@@ -109,6 +119,13 @@ class FileTransport:
     def _lost(self, what: str, exc: OSError) -> AclCallError:
         # RT_SOCKET_CLOSE (507901, "hdc disconnect" in CANN's include/acl/error_codes/rt_error_codes.h) is what
         # real CANN returns when its channel to the device drops: the nearest match to a daemon that is gone.
+        if exc.errno in DAEMON_GONE and self.npu:
+            return AclCallError(
+                f"{self.path}: the FlexNPU process serving physical NPU {self.npu} is gone ({exc.strerror}): this "
+                "virtual device was lost, as on a device reset, with its memory, streams and queued work; vdevfsd "
+                "restarts that process within seconds (`vdevctl ls` shows it): set the device again",
+                AclError.RT_SOCKET_CLOSE,
+            )
         if exc.errno in DAEMON_GONE:
             return AclCallError(
                 f"{self.path}: the FlexNPU daemon is gone ({exc.strerror}): this virtual device was lost, as on "
@@ -125,7 +142,9 @@ class FileTransport:
         return AclCallError(f"{self.path}: {what}: {exc.strerror}", AclError.RT_SOCKET_CLOSE)
 
     def close(self) -> None:
-        os.close(self.fd)
+        # The fd is gone whatever close() says; a dead daemon's (or NPU process's) file says ENOTCONN.
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 @dataclass(frozen=True)
