@@ -5,9 +5,11 @@ in, copied across, added by an Add in numeric mode, read back and compared) whil
 a client is killed with SIGKILL (at a random moment of a loop that is copying or launching nearly all the
 time) and replaced; garbage, a frame with a wrong length, or a frame announcing 2 GiB is written (each must
 be refused with EINVAL and the next frame on the same file answered); a frame announcing 256 MiB is written
-in 1 MiB pieces, or copies are asked for and their replies never read, until the buffer limit refuses. Once,
-40 % into the run, the daemon itself is killed with SIGKILL and restarted on its mount point; its clients are
-told their device was lost and start over. Then the abuse phase measures daemon RSS while 8 sessions leave
+in 1 MiB pieces, or copies are asked for and their replies never read, until the buffer limit refuses. At 20 %
+and 70 % into the run one physical NPU's process is killed with SIGKILL (vdevfsd restarts it; its clients are told
+their device was lost and start over, the other NPU's must see no error); once, 40 % into the run, the daemon
+itself is killed with SIGKILL and restarted on its mount point; its clients are told their device was lost and
+start over. Then the abuse phase measures daemon RSS while 8 sessions leave
 copies of freed device memory unread and 8 send unfinished 256 MiB frames, with the default [daemon] buffer
 limits and, as the baseline from the same run, on a daemon whose limits are out of reach. Last, the tenant
 phase (issue 15), on a daemon of its own in timing mode at real time: one tenant's graphs that replay graphs,
@@ -57,7 +59,18 @@ memory = "2GiB"
 name = "davinci1"
 physical = "npu0"
 memory = "2GiB"
+
+[[physical]]
+name = "npu1"
+chip = "910B2"
+mode = "numeric"
+
+[[virtual]]
+name = "davinci2"
+physical = "npu1"
+memory = "2GiB"
 """
+CLIENT_DEVICES = ("davinci0", "davinci2")  # verifying clients on both physical NPUs (each has its process)
 MiB = 1 << 20
 ABUSERS = 8
 TENANT_CONFIG = """
@@ -82,7 +95,8 @@ memory = "8GiB"
 
 
 class Sampler(threading.Thread):
-    """Daemon RSS, open file descriptors and buffer bytes held, every 50 ms (the pid changes on a restart)."""
+    """Daemon RSS, open file descriptors and buffer bytes held, every 50 ms (the pid changes on a restart): of
+    vdevfsd and its NPU processes together (where the sessions' buffers are)."""
 
     def __init__(self, pid: int, mount: Path) -> None:
         super().__init__(daemon=True)
@@ -93,9 +107,13 @@ class Sampler(threading.Thread):
         self.generation = 0
 
     def now(self) -> tuple[float, int]:
-        status = Path(f"/proc/{self.pid}/status").read_text().splitlines()
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        return rss / 1024, len(os.listdir(f"/proc/{self.pid}/fd"))
+        pids = [self.pid, *(p["pid"] for p in _status(self.mount)["physical"] if p.get("pid"))]
+        rss = fds = 0
+        for pid in pids:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            rss += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        return rss / 1024, fds
 
     def sample(self) -> None:
         generation = self.generation
@@ -129,7 +147,7 @@ class Clients:
 
     def start(self, slot: int) -> None:
         life = next(self.lives)
-        node = self.mount / DEVICES[slot % len(DEVICES)]
+        node = self.mount / CLIENT_DEVICES[slot % len(CLIENT_DEVICES)]
         seconds = max(0.0, self.deadline - time.monotonic())
         args = [sys.executable, "-m", "tools.chaos_client", str(node), str(life), f"{seconds:.1f}"]
         with open(self.reports / f"{life}.err", "wb") as err:
@@ -165,6 +183,21 @@ class Clients:
             errors.update(data["errors"])
         expected = errors.pop("daemon_gone", 0)
         return total | {"lives": len(list(self.reports.glob("*.json"))), "expected_errors": expected, "errors": errors}
+
+
+def _kill_an_npu_process(mount: Path, turn: int) -> dict:
+    """SIGKILL one physical NPU's process (vdevfs/npus.py; in turn, each NPU's): its clients are told their
+    device was lost and start over, every other NPU's go on; how long until it serves again."""
+    physical = _status(mount)["physical"]
+    victim = physical[turn % len(physical)]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t = time.monotonic()
+    while time.monotonic() - t < 60:
+        now = next(p for p in _status(mount)["physical"] if p["name"] == victim["name"])
+        if now["up"] and now["pid"] != victim["pid"]:
+            break
+        time.sleep(0.05)
+    return {"npu": victim["name"], "pid": victim["pid"], "serving_again_s": time.monotonic() - t}
 
 
 def _status(mount: Path) -> dict:
@@ -313,9 +346,14 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         for slot in range(workers):
             clients.start(slot)
         restarted_after = None
+        npu_kills = [0.2, 0.7]  # fractions of the run at which one NPU's process is killed
+        npu_restarts: list[dict] = []
         for tick in itertools.count():
             if time.monotonic() >= started + seconds:
                 break
+            if npu_kills and time.monotonic() >= started + npu_kills[0] * seconds:
+                npu_kills.pop(0)
+                npu_restarts.append(_kill_an_npu_process(mount, len(npu_restarts)))
             if restarted_after is None and time.monotonic() >= started + 0.4 * seconds:
                 proc.kill()
                 proc.wait()
@@ -350,6 +388,7 @@ def run(quick: bool = False, seconds: float | None = None, workers: int | None =
         "vandal": dict(vandal.done),
         "vandal_unexpected": dict(vandal.unexpected),
         "daemon_restarted_in_s": restarted_after,
+        "npu_processes_killed": npu_restarts,
         "stale_mount_recovered": recovered,
         "left": left,
         "daemon_rss_MiB": {"before": rss_before, "peak": chaos_peak[0], "after": rss_after},
@@ -372,6 +411,10 @@ def render(r: dict) -> str:
         ("wrong results", str(r["wrong"]), "0"),
         ("clients killed (SIGKILL)", str(r["clients_killed"]), ""),
         ("bad frames and buffer fills", ", ".join(f"{k} {v}" for k, v in sorted(r["vandal"].items())), ""),
+        *(
+            (f"{k['npu']}'s process killed (SIGKILL)", f"serving again in {k['serving_again_s']:.2f} s", "seconds")
+            for k in r.get("npu_processes_killed", [])
+        ),
         ("daemon killed and restarted", f"once, serving again in {r['daemon_restarted_in_s']:.2f} s", ""),
         ("expected errors (device lost)", str(r["expected_errors"]), ""),
         ("other errors", str(unexpected), "0"),
@@ -380,8 +423,12 @@ def render(r: dict) -> str:
             f"{left['sessions']} / {left['memory_bytes']} / {left['buffer_bytes']} B",
             "0 / 0 / 0",
         ),
-        ("daemon RSS before / peak / after", f"{rss['before']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} MiB", ""),
-        ("daemon fds before / peak / after", f"{fds['before']} / {fds['peak']} / {fds['after']}", ""),
+        (
+            "daemon RSS, all processes: before / peak / after",
+            f"{rss['before']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} MiB",
+            "",
+        ),
+        ("daemon fds: before / peak / after", f"{fds['before']} / {fds['peak']} / {fds['after']}", ""),
     ]
     out = [plain(rows)]
     lim = r["limits_MiB"]

@@ -1,5 +1,8 @@
 """`vdevctl bench ops`: operator launch cost through the daemon vs direct mode, eager vs graph replay, for the
-Python client and the C client (libascendcl.so, clib/bench_client.c) alike.
+Python client and the C client (libascendcl.so, clib/bench_client.c) alike; then launches with one and two
+physical NPUs busy, each NPU served by its own process or (the baseline, `[daemon] processes = "one"`) every NPU
+by vdevfsd alone: launches/s and the serving processes' CPU-seconds per 1,000 launches, from which the scaling to
+more NPUs on a host with more cores can be read off (this machine has 2 cores, shared with the clients).
 
 The device is an emulated 910B2 in timing mode with no clock (time_scale 0), so the chip never holds a launch
 back: every figure is the software path. Each launch is a small Add (float16[16]) on one stream.
@@ -7,6 +10,8 @@ back: every figure is the software path. Each launch is a small Add (float16[16]
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -18,6 +23,24 @@ from tools import c_client, launch
 from workloads.tables import plain
 
 CONFIG = launch.one_npu_config("timing")
+TWO_NPUS = """
+[daemon]
+time_scale = 0
+processes = "{processes}"
+[[physical]]
+name = "npu0"
+mode = "timing"
+[[physical]]
+name = "npu1"
+mode = "timing"
+[[virtual]]
+name = "davinci0"
+physical = "npu0"
+[[virtual]]
+name = "davinci1"
+physical = "npu1"
+"""
+TICK = os.sysconf("SC_CLK_TCK")
 
 ACL_FLOAT16, ACL_FORMAT_ND = 1, 2
 GRAPH_OPS = 300
@@ -90,8 +113,10 @@ def run(quick: bool = False) -> dict:
             c_daemon = c_client.run(c_args, device=device)
         direct = _figures(Runtime(direct=True, devices=["davinci0"], config=str(config)), launches, replays)
         c_direct = c_client.run(c_args, config=config)
+        busy = {processes: _busy_npus(Path(tmp), processes, launches) for processes in ("per-npu", "one")}
     overhead = daemon["eager_us_per_launch"] - direct["eager_us_per_launch"]
     return {
+        "busy_npus": busy,
         "daemon": daemon,
         "direct": direct,
         "c_daemon": c_daemon,
@@ -100,6 +125,51 @@ def run(quick: bool = False) -> dict:
         "c_daemon_overhead_us_per_launch": c_daemon["eager_us_per_launch"] - c_direct["eager_us_per_launch"],
         "targets": {"eager_launches_per_s": ">= 30000 through the daemon", "graph_records_per_replay": "1"},
     }
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def _busy_npus(tmp: Path, processes: str, launches: int) -> dict:
+    """C clients launching on 1, then 2 physical NPUs at once: launches/s per client, and each serving process's
+    CPU-seconds per 1,000 launches (per-npu: each NPU's process; one: vdevfsd, which serves both)."""
+    config = tmp / f"busy-{processes}.toml"
+    config.write_text(TWO_NPUS.format(processes=processes))
+    mount = tmp / f"busy-{processes}"
+    figures = {}
+    with launch.daemon(mount, config) as proc:
+        status = json.loads((mount / "status").read_text())
+        servers = [p["pid"] for p in status["physical"]] if processes == "per-npu" else [proc.pid]
+        per_client = 3 * launches + 3 + 2 * GRAPH_OPS  # bench_client ops L 1: 3 timed loops, warm-up, capture, replay
+        for busy in (1, 2):
+            before = [_cpu_s(pid) for pid in servers]
+            clients = [c_client.start(["ops", str(launches), "1"], str(mount / f"davinci{i}")) for i in range(busy)]
+            results = [c_client.finish(c) for c in clients]
+            cpu = [_cpu_s(pid) - b for pid, b in zip(servers, before, strict=True)]
+            served = [per_client * busy] if processes == "one" else [per_client] * busy  # the busy NPUs' processes
+            figures[str(busy)] = {
+                "launches_per_s": [r["eager_launches_per_s"] for r in results],
+                "cpu_s_per_1000_launches": [c / n * 1000 for c, n in zip(cpu, served, strict=False)],
+            }
+    return figures
+
+
+def _render_busy(busy: dict) -> str:
+    rows = [("NPUs busy", "serving", "launches/s per client", "CPU-s per 1,000 launches, per serving process")]
+    for processes, label in (("per-npu", "a process per NPU"), ("one", "vdevfsd alone")):
+        for n, f in busy[processes].items():
+            rows.append(
+                (
+                    n,
+                    label,
+                    " / ".join(f"{x:,.0f}" for x in f["launches_per_s"]),
+                    " / ".join(f"{x:.3f}" for x in f["cpu_s_per_1000_launches"]),
+                )
+            )
+    return plain(rows)
 
 
 def render(r: dict) -> str:
@@ -123,5 +193,7 @@ def render(r: dict) -> str:
     return (
         table
         + f"\ndaemon overhead per eager launch: {r['daemon_overhead_us_per_launch']:.2f} us (Python), "
-        + f"{r['c_daemon_overhead_us_per_launch']:.2f} us (C)"
+        + f"{r['c_daemon_overhead_us_per_launch']:.2f} us (C)\n\n"
+        + "C clients on 1 and 2 physical NPUs at once (vdevfsd alone: its CPU is shared by both NPUs' launches)\n"
+        + _render_busy(r["busy_npus"])
     )

@@ -24,10 +24,18 @@ def build() -> Path:
     return BINARY
 
 
-def run(args: list[str], device: str | None = None, config: Path | None = None) -> dict:
-    """bench_client ARGS through the device file `device`, or in direct mode on `config`'s davinci0."""
+def start(args: list[str], device: str | None = None, config: Path | None = None) -> subprocess.Popen:
+    """bench_client ARGS through the device file `device`, or in direct mode on `config`'s davinci0; `finish` it."""
     env = shim_env([device]) if device is not None else shim_env(["davinci0"], direct=True, config=str(config))
-    result = subprocess.run([str(build()), *args], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"bench_client {' '.join(args)} failed: {result.stderr.strip()}")
-    return json.loads(result.stdout)
+    return subprocess.Popen([str(build()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_client {' '.join(proc.args[1:])} failed: {err.strip()}")
+    return json.loads(out)
+
+
+def run(args: list[str], device: str | None = None, config: Path | None = None) -> dict:
+    return finish(start(args, device, config))
