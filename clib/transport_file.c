@@ -16,10 +16,36 @@ struct file_transport {
     struct fnpu_transport base;
     int fd;
     struct fnpu_buf body;
+    char npu[64]; /* the physical NPU whose process serves it, or "" (vdevfsd's davinciN links into .npu/<npu>/) */
 };
+
+/* The physical NPU whose process serves `path`: its real path ends in .npu/<npu>/<node> (vdevfs/front.py). */
+static void served_by(const char *path, char *npu, size_t size) {
+    npu[0] = 0;
+    char *real = realpath(path, NULL);
+    if (!real) {
+        return;
+    }
+    char *node = strrchr(real, '/');
+    if (node && node != real) {
+        *node = 0;
+        char *dir = strrchr(real, '/');
+        if (dir && dir - real >= 5 && strncmp(dir - 5, "/.npu", 5) == 0) {
+            snprintf(npu, size, "%s", dir + 1);
+        }
+    }
+    free(real);
+}
 
 static aclError lost(struct file_transport *t, const char *what, int err) {
     const char *path = t->base.name;
+    if ((err == ENOTCONN || err == ECONNABORTED) && t->npu[0]) {
+        return fnpu_fail(ACL_ERROR_RT_SOCKET_CLOSE,
+                         "%s: the FlexNPU process serving physical NPU %s is gone (%s): this virtual device was "
+                         "lost, as on a device reset, with its memory, streams and queued work; vdevfsd restarts "
+                         "that process within seconds (`vdevctl ls` shows it): set the device again",
+                         path, t->npu, strerror(err));
+    }
     if (err == ENOTCONN || err == ECONNABORTED) {
         return fnpu_fail(ACL_ERROR_RT_SOCKET_CLOSE,
                          "%s: the FlexNPU daemon is gone (%s): this virtual device was lost, as on a device reset, "
@@ -138,7 +164,15 @@ static void file_close(struct fnpu_transport *base) {
 }
 
 aclError fnpu_file_open(const char *path, struct fnpu_transport **out) {
+    char npu[64];
+    served_by(path, npu, sizeof npu);
     int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == ENODEV && npu[0]) {
+        return fnpu_fail(ACL_ERROR_RT_NO_DEVICE,
+                         "%s: its physical NPU's process (%s) is restarting; try again in a few seconds (see "
+                         "`vdevctl ls`)",
+                         path, npu);
+    }
     if (fd < 0) {
         if (errno == EUSERS || errno == ENFILE) {
             return fnpu_fail(ACL_ERROR_RT_OVER_LIMIT,
@@ -161,6 +195,7 @@ aclError fnpu_file_open(const char *path, struct fnpu_transport **out) {
     t->base.call = file_call;
     t->base.close = file_close;
     snprintf(t->base.name, sizeof t->base.name, "%s", path);
+    snprintf(t->npu, sizeof t->npu, "%s", npu);
     t->fd = fd;
     *out = &t->base;
     return ACL_SUCCESS;
