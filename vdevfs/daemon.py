@@ -8,7 +8,7 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -143,16 +143,20 @@ async def serve(
             else:
                 for unit in topology.physical:
                     nursery.start_soon(unit.runner.run)
-            nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(_terminate_on_signal, supervisor.stop if cfg.processes == "per-npu" else None)
             if listener is not None:
                 nursery.start_soon(metrics.serve, status, listener)
             await pyfuse3.main(max_tasks=FUSE_WORKERS)
             nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(first: Callable[[], Awaitable[None]] | None) -> None:
+    """Stop serving on SIGINT or SIGTERM; `first`: the NPU processes stop while this mount still answers (they
+    unmount through it)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
+            if first is not None:
+                await first()
             pyfuse3.terminate()
             return

@@ -93,7 +93,8 @@ async def _answer(peer: Peer, fs: DeviceFS, topology: Topology) -> None:
 
 
 async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGTERM only: a terminal's ^C reaches the whole process group, and vdevfsd stops its NPU processes itself."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
             pyfuse3.terminate()

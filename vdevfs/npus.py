@@ -40,6 +40,7 @@ POLL_S = 1.0  # how often each process is asked for its status (the watchdog's h
 START_S = 60.0  # a new process must have mounted its device files within this
 STATUS_WAIT_S = 2.0  # reading the status file waits this long for a process, then shows its last answer
 FIRST_BACKOFF_S, MAX_BACKOFF_S, STABLE_S = 0.5, 30.0, 60.0
+STOP_S = 5.0  # a process asked to stop (vdevfsd stopping) gets this long to unmount before SIGKILL
 
 
 class NpuDown(Exception):
@@ -70,6 +71,8 @@ class NpuProcess:
     answers: dict[int, trio.MemorySendChannel] = field(default_factory=dict)
     numbers: itertools.count = field(default_factory=itertools.count)
     ready: trio.Event = field(default_factory=trio.Event)  # set once it first serves (or first fails)
+    child: trio.Process | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)  # set once vdevfsd stopped it for good
 
     async def request(self, *message: object, timeout: float) -> object:
         if not self.up or self.peer is None:
@@ -104,6 +107,7 @@ class Npus:
         self.exchange = Exchange()
         self.processes = {p.name: NpuProcess(p.name, mountpoint / ".npu" / p.name) for p in topology.physical}
         self.on_nodes_changed = lambda: None  # the front's: a device file came or went
+        self.stopping = False
 
     # -- supervision ---------------------------------------------------------------------------------------
 
@@ -111,6 +115,16 @@ class Npus:
         async with trio.open_nursery() as nursery:
             for process in self.processes.values():
                 nursery.start_soon(self._supervise, process)
+
+    async def stop(self) -> None:
+        """Stop every NPU process (SIGTERM: each unmounts and exits) and restart none; SIGKILL after STOP_S."""
+        self.stopping = True
+        for process in self.processes.values():
+            if process.child is not None and process.child.returncode is None:
+                process.child.terminate()
+        with trio.move_on_after(STOP_S):
+            for process in self.processes.values():
+                await process.stopped.wait()
 
     async def started(self, npu: str | None = None) -> None:
         """Once `npu`'s process (or every one) first serves, or first fails: the daemon's files wait for it."""
@@ -124,6 +138,10 @@ class Npus:
             reason = await self._run_once(process)
             process.up, process.peer, process.last = False, None, None
             process.ready.set()
+            if self.stopping:
+                log.info("npu_process_stopped", npu=process.name, pid=process.pid, reason=reason)
+                process.stopped.set()
+                return
             self.exchange.forget_process(process.name)
             await self._send_notices()
             await _detach(process.mountpoint)
@@ -146,7 +164,7 @@ class Npus:
         finally:
             control_there.close()
             exchange_there.close()
-        process.pid = child.pid
+        process.pid, process.child = child.pid, child
         peer, exchange = Peer(control_here), Peer(exchange_here)
         reason = "?"
         try:

@@ -32,7 +32,7 @@ H2D, D2H, D2D = 1, 2, 3
 CONFIG = """
 [daemon]
 time_scale = 1.0
-watchdog_s = 2
+watchdog_s = 3
 process_memory = "600MiB"
 
 [[physical]]
@@ -141,11 +141,12 @@ def test_an_npu_process_past_its_memory_limit_is_restarted(mount):
     mnt, log = mount
     before = npu(mnt, "npu0")
     rt = session(mnt, "davinci0")
-    size = 768 * MiB  # numeric mode: the bytes live in the NPU process; the limit is 600 MiB
+    size, piece = 768 * MiB, 64 * MiB  # numeric mode: the bytes live in the NPU process; the limit is 600 MiB
     ptr = rt.malloc(size, 0)
-    rt.memset(ptr, size, 1, size)
-    with pytest.raises(AclCallError):
-        for _ in range(200):  # the limit is checked each second: the session is lost within a few
+    with pytest.raises(AclCallError):  # the limit is checked each second: the session is lost within a few
+        for offset in range(0, size, piece):  # in pieces, so no one call holds the process past the watchdog
+            rt.memset(ptr + offset, piece, 1, piece)
+        for _ in range(200):
             rt.synchronize_device()
             time.sleep(0.05)
     serving_again(mnt, "npu0", before["restarts"] + 1)
