@@ -158,6 +158,7 @@ def test_an_npu_process_past_its_memory_limit_is_restarted(mount):
 def test_ipc_memory_exported_on_one_npus_process_is_copied_byte_for_byte_on_another(mount):
     """The disaggregated KV pull: export on npu0, import with peer access on npu1, copy device to device."""
     mnt, _ = mount
+    until(lambda: all(p["up"] for p in status(mnt)["physical"]), "both NPUs serving", 30)
     exporter, importer = session(mnt, "davinci0"), session(mnt, "davinci1")
     data = np.random.default_rng(0).integers(0, 256, 3 * MiB, dtype=np.uint8)
     src = exporter.malloc(data.nbytes, 0)
