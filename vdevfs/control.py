@@ -191,13 +191,22 @@ class Control:
         self.reply = b""
 
     def write(self, data: bytes) -> None:
+        command = self.command(data)
+        if command is not None:
+            self.answer(execute(self.topology, command, self.log, self.nodes))
+
+    def command(self, data: bytes) -> str | None:
+        """The command a write holds; None, with the reply saying why, if it holds none."""
         command = data.decode(errors="replace").removesuffix("\n")
         if len(data) > MAX_COMMAND:
-            reply = f"error: a command is one line of at most {MAX_COMMAND} bytes (got {len(data)})"
+            self.answer(f"error: a command is one line of at most {MAX_COMMAND} bytes (got {len(data)})")
         elif "\n" in command:
-            reply = "error: one command per write (read its reply, then write the next)"
+            self.answer("error: one command per write (read its reply, then write the next)")
         else:
-            reply = execute(self.topology, command, self.log, self.nodes)
+            return command
+        return None
+
+    def answer(self, reply: str) -> None:
         self.reply = reply.encode() + b"\n"
 
     def read(self, size: int) -> bytes:

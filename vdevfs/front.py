@@ -19,7 +19,6 @@ import os
 import select
 import stat
 import time
-from dataclasses import dataclass
 
 import pyfuse3
 import structlog
@@ -28,7 +27,7 @@ from interposer.topology import VirtualNPU
 from interposer.translate import VersionOnly
 from vdevfs import access
 from vdevfs.channel import Channel
-from vdevfs.control import MAX_COMMAND
+from vdevfs.control import Control
 from vdevfs.fs import ANCILLARY, CONTROL_NAME, STATUS_NAME, fuse_handler
 from vdevfs.limits import BufferAccount, BufferLimits
 from vdevfs.npus import Npus
@@ -41,14 +40,6 @@ FIRST_ANCILLARY_INODE = ROOT + 4
 FIRST_NPU_INODE = ROOT + 16
 FIRST_NODE_INODE = ROOT + 1024  # then two per virtual NPU ever made: its link, and its file while its process is down
 NPUS_NAME = ".npu"
-
-
-@dataclass(eq=False)
-class Command:
-    """One open() of the control node: the opener's log, and the reply to its last command."""
-
-    log: structlog.typing.FilteringBoundLogger
-    reply: bytes = b""
 
 
 class FrontFS(pyfuse3.Operations):
@@ -68,7 +59,7 @@ class FrontFS(pyfuse3.Operations):
         self.npu_inodes = {p.name.encode(): FIRST_NPU_INODE + i for i, p in enumerate(self.topology.physical)}
         self.links: dict[str, int] = {}  # virtual NPU name -> its link's inode (+1: its file while down)
         self._next_inode = FIRST_NODE_INODE
-        self.open_files: dict[int, Channel | Command | bytes] = {}
+        self.open_files: dict[int, Channel | Control | bytes] = {}
         self._next_fh = 1
         self.owner = os.getuid(), os.getgid()
         self.spawn = None
@@ -185,11 +176,11 @@ class FrontFS(pyfuse3.Operations):
             await self.npus.started()
             status = await self.npus.status()
             status["daemon"] = {**self.info, "uptime_s": round(time.time() - self.started, 1)} | status["daemon"]
-            content: Channel | Command | bytes = access.status_file(status, self.topology.virtual, ctx.uid, ctx.gid)
+            content: Channel | Control | bytes = access.status_file(status, self.topology.virtual, ctx.uid, ctx.gid)
         elif inode == CONTROL_INODE:
             if ctx.uid not in (0, self.owner[0]):
                 raise pyfuse3.FUSEError(errno.EACCES)
-            content = Command(log.bind(pid=ctx.pid, uid=ctx.uid))
+            content = Control(self.topology, log.bind(pid=ctx.pid, uid=ctx.uid))  # commands go to self.npus
         elif FIRST_ANCILLARY_INODE <= inode < FIRST_ANCILLARY_INODE + len(ANCILLARY):
             name = ANCILLARY[inode - FIRST_ANCILLARY_INODE]
             content = Channel(VersionOnly(name), log.bind(pid=ctx.pid, device=name), BufferAccount(self.limits, name))
@@ -207,14 +198,10 @@ class FrontFS(pyfuse3.Operations):
     @fuse_handler
     async def write(self, fh, off, buf):
         content = self.open_files.get(fh)
-        if isinstance(content, Command):  # the control node: a command, its reply read next
-            if len(buf) > MAX_COMMAND:
-                reply = f"error: a command is one line of at most {MAX_COMMAND} bytes (got {len(buf)})"
-            else:
-                line = buf.decode(errors="replace").removesuffix("\n")
-                one = "\n" not in line
-                reply = await self.npus.command(line, content.log) if one else "error: one command per write"
-            content.reply = reply.encode() + b"\n"
+        if isinstance(content, Control):  # a command, carried out by the NPU processes; its reply read next
+            command = content.command(buf)
+            if command is not None:
+                content.answer(await self.npus.command(command, content.log))
         elif isinstance(content, Channel):
             content.write(buf)
         else:
@@ -226,9 +213,8 @@ class FrontFS(pyfuse3.Operations):
         content = self.open_files.get(fh)
         if isinstance(content, bytes):
             return content[off : off + size]
-        if isinstance(content, Command):
-            out, content.reply = content.reply[:size], content.reply[size:]
-            return out
+        if isinstance(content, Control):
+            return content.read(size)
         if isinstance(content, Channel):
             return await content.read(size)
         raise pyfuse3.FUSEError(errno.EBADF)
