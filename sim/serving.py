@@ -50,6 +50,9 @@ class SimSpec:
     prefill_host_ms: float = 0.0  # the same before a prefill step (0: launched op by op, the chip starts at once)
     fold: int = 1
     keep_itl: bool = True  # per-token gaps (memory: one float per token)
+    # A step model for what StepCosts does not describe (sim/cloudmatrix: an EP group of dies as one chip), called
+    # with this spec: its tasks(plan), pull(blocks) and batching(role) replace the dense model's. None: StepCosts.
+    steps: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.deployment not in DEPLOYMENTS:
@@ -87,9 +90,14 @@ class Simulation:
     def __init__(self, spec: SimSpec) -> None:
         self.spec = spec
         serve = spec.serve
-        cache = CacheConfig(serve.num_blocks, serve.block_size)
-        self.costs = StepCosts(spec.model, cache, -(-serve.max_model_len // serve.block_size), spec.fold)
-        self.block_bytes = kv_block_bytes(spec.model, serve.block_size)
+        if spec.steps is None:
+            cache = CacheConfig(serve.num_blocks, serve.block_size)
+            self.costs = StepCosts(spec.model, cache, -(-serve.max_model_len // serve.block_size), spec.fold)
+            self.block_bytes = kv_block_bytes(spec.model, serve.block_size)
+            self._batching, self._pull = serve.batching, self._peer_copy
+        else:
+            self.costs = spec.steps(spec)
+            self._batching, self._pull = self.costs.batching, self.costs.pull
         self.chips = [self._chip(i) for i in range(spec.npus)]
         self.engines: dict[Instance, _Engine] = {}
         self.coordinator = self._build()
@@ -111,7 +119,7 @@ class Simulation:
         stream = Stream()
         declare(stream, phase, PhaseSource.ROLE)  # as a virtual NPU's role in the config does
         chip.add_stream(stream)
-        core = Instance(name, Batcher(self.spec.serve.batching(role), pool))
+        core = Instance(name, Batcher(self._batching(role), pool))
         self.engines[core] = _Engine(core, chip, stream)
         return core
 
@@ -122,7 +130,7 @@ class Simulation:
             if kind == "direct":
                 entries.append(self._engine(f"npu{i}", Role.COLOCATED, chip, Phase.UNKNOWN))
             elif kind == "colocated":  # a chip's prefill engine hands over to the decode engine beside it (one pool)
-                pool = BlockPool(self.spec.serve.num_blocks)
+                pool = BlockPool(self._batching(Role.DECODE).num_blocks)
                 entries.append(self._engine(f"npu{i}/prefill", Role.PREFILL, chip, Phase.PREFILL, pool))
                 decoders.append(self._engine(f"npu{i}/decode", Role.DECODE, chip, Phase.DECODE, pool))
             elif i < self.spec.prefill_chips:
@@ -191,7 +199,7 @@ class Simulation:
         for core in self.coordinator.pulled(step.pulls):
             self._wake(self.engines[core])
 
-    def _pull(self, blocks: tuple[int, ...]) -> SimTask:
+    def _peer_copy(self, blocks: tuple[int, ...]) -> SimTask:
         size = len(blocks) * self.block_bytes
         return SimTask("memcpy_peer", Cost(hbm_bytes=size, peer_bytes=size, unit=Unit.DMA))
 

@@ -437,5 +437,18 @@ for _name, _what in BENCHES.items():
     _bench_command(_name, _what)
 
 
+@bench.command(
+    "cloudmatrix",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def _bench_cloudmatrix(ctx: click.Context) -> None:
+    """DeepSeek-R1 on a CloudMatrix384-scale deployment, simulated: calibration, flex vs static disaggregation."""
+    # Options of its own (points, the sweep engine); its module (the simulator) loads only when asked for.
+    command = importlib.import_module("tools.bench_cloudmatrix").command
+    command.main(ctx.args, prog_name=ctx.command_path)
+
+
 if __name__ == "__main__":
     sys.exit(main())

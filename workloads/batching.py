@@ -369,17 +369,19 @@ class Batcher:
     def _plan_decode(self) -> tuple[tuple[Scheduled, ...], tuple[str, ...]]:
         batch: list[_Request] = []
         preempted: list[str] = []
+        gone: set[str] = set()  # preempted in this loop: the only way out of _running here (a set: O(1) per request)
         for request in list(self._running):
             if len(batch) == self.config.max_num_seqs:
                 break
-            if request not in self._running or not request.decoding:
+            if request.id in gone or not request.decoding:
                 continue
-            while len(request.blocks) < self._blocks_for(request.computed + 1) and request in self._running:
+            while len(request.blocks) < self._blocks_for(request.computed + 1) and request.id not in gone:
                 if self.pool.num_free:
                     request.blocks += self.pool.allocate(1)
                 else:
                     preempted.append(self._preempt_newest())
-            if request in self._running:
+                    gone.add(preempted[-1])
+            if request.id not in gone:
                 batch.append(request)
         entries = tuple(Scheduled(r.id, r.computed, 1, tuple(r.blocks), True) for r in batch)
         return entries, tuple(preempted)
