@@ -47,7 +47,6 @@ class Held:
     """What vdevfsd holds of one export: its descriptor and, in numeric mode, the memfd of its allocation."""
 
     shared: Shared
-    buffer: object  # the interned (npu, buffer) the registry compares
     fd: int | None
 
 
@@ -77,7 +76,7 @@ class Exchange:
             if isinstance(answer, tuple) and answer and answer[0] == "with_fd":
                 answer, out = answer[1], [answer[2]]
         except FlexNPUError as exc:
-            answer, out = ("error", type(exc).__name__, exc.message, int(exc.code)), []
+            answer, out = ("error", exc.message, int(exc.code)), []
         finally:
             self._drop_gone()
         return answer, out
@@ -86,7 +85,7 @@ class Exchange:
         buffer = self._intern((npu, shared.buffer))
         region = Region(buffer, shared.offset, shared.size)  # type: ignore[arg-type]  # a stand-in, compared by identity
         key = self.registry.export(session, region, npu, flags)
-        self._held[key] = Held(shared, buffer, fds[0] if fds else None)
+        self._held[key] = Held(shared, fds[0] if fds else None)
         return key
 
     def _allow(self, npu, session, key: str, pids: list[int], fds):
@@ -180,7 +179,7 @@ class RemoteIpc:
         number = self._sessions.setdefault(session, len(self._sessions) + 1)
         answer, received = self.caller.call((op, number, *args), fds)
         if isinstance(answer, tuple) and answer and answer[0] == "error":
-            _, kind, message, code = answer
+            _, message, code = answer
             raise InvalidParam(message, code)
         return answer, received
 
